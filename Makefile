@@ -1,0 +1,33 @@
+# make demo  : set up .venv and run the pipeline end to end on the built-in shapes data
+# make test  : set up .venv and run the test suite
+# make bench : throughput benchmarks (results in bench/results.md)
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export WANDB_MODE ?= offline
+export HYDRA_FULL_ERROR ?= 0
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+# Reinstalls only when the dependency list or the pins change.
+$(STAMP): pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python >= 3.10); set PYTHON=..."; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m unclip.demo
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m bench.run
+
+clean:
+	rm -rf outputs multirun

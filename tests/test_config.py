@@ -1,0 +1,68 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import get_class
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+STRATEGIES = sorted(p.stem for p in (CONF / "strategy").glob("*.yaml"))
+
+
+def compose_train(*overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_composes_and_resolves(model):
+    cfg = compose_train(f"model={model}", "trainer.max_steps=2")
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["trainer"]["max_steps"] == 2 and resolved["model"]["name"] == model
+    assert resolved["data"]["fields"] == resolved["model"]["fields"]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_strategies_compose_and_wrap_policies_name_real_classes(strategy):
+    cfg = compose_train(f"strategy={strategy}")
+    for name in cfg.strategy.get("wrap_classes") or []:
+        assert isinstance(get_class(name), type)
+    if strategy == "fsdp":
+        import lightning.pytorch as pl
+        from unclip.training import build_strategy
+
+        with pytest.raises(ValueError, match="GPU"):  # Lightning refuses FSDP on CPU: composition is what runs here
+            pl.Trainer(accelerator="cpu", devices=1, strategy=build_strategy(cfg), logger=False)
+
+
+@pytest.mark.parametrize("group", ["logger=wandb", "logger=tensorboard", "launcher=local", "launcher=slurm", "data=webdataset"])
+def test_other_groups_compose(group):
+    cfg = compose_train(group, "data.train=/x") if group == "data=webdataset" else compose_train(group)
+    assert cfg is not None
+
+
+def run_cli(*args, cwd=ROOT, timeout=300):
+    env = dict(os.environ, WANDB_MODE="offline", HYDRA_FULL_ERROR="0")
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_cfg_job_prints_the_complete_config():
+    result = run_cli("--cfg", "job")
+    assert result.returncode == 0, result.stderr
+    printed = OmegaConf.create(result.stdout)
+    assert {"data", "clip", "model", "optim", "strategy", "trainer", "logger", "experiment", "paths"} <= set(printed)
+    assert printed.trainer._target_ == "lightning.pytorch.Trainer"
+
+
+def test_bad_keys_and_missing_values_fail_with_hydras_message():
+    unknown = run_cli("trainer.max_stepz=3")
+    assert unknown.returncode != 0 and "Could not override 'trainer.max_stepz'" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
+    missing = run_cli("data=webdataset", "trainer.max_steps=1")
+    assert missing.returncode != 0 and "missing required config value(s): data.train" in missing.stderr

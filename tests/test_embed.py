@@ -1,0 +1,65 @@
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from unclip.data.cache import load_stats, read_cache_shard, read_meta
+from unclip.embed import embed
+
+
+def test_cache_layout_and_rows_match_direct_encoding(cache_dir, shapes_dir, tiny_clip):
+    cache = Path(cache_dir)
+    assert sorted(p.name for p in cache.glob("*.tar")) == sorted(p.name for p in shapes_dir.glob("*.tar"))
+    meta = read_meta(cache)
+    assert meta["dim"] == 128 and meta["embedded"] == 96 + 24 + 24 and meta["clip"]["model"] == "unclip-tiny"
+    # chunk_size=10: a 24-row shard has chunks of 10, 10, 4 rows
+    members = [s for s in wds.WebDataset(str(cache / "train-00000.tar"), shardshuffle=False)]
+    assert [len(json.loads(m["keys.json"])) for m in members] == [10, 10, 4]
+    table = read_cache_shard(str(cache / "train-00000.tar"), ("img_emb", "txt_emb"))
+    assert table["img_emb"].dtype == np.float16 and table["img_emb"].shape == (24, 128)
+    source = list(wds.WebDataset(str(shapes_dir / "train-00000.tar"), shardshuffle=False).decode("pil"))
+    assert table["keys"] == [s["__key__"] for s in source]
+    z_img = tiny_clip.encode_image([s["png"] for s in source[:4]])
+    z_txt = tiny_clip.encode_text([s["txt"] for s in source[:4]]).z_txt
+    assert np.allclose(table["img_emb"][:4], z_img.numpy(), atol=2e-3)
+    assert np.allclose(table["txt_emb"][:4], z_txt.numpy(), atol=2e-3)
+    assert table["captions"][:4] == [s["txt"] for s in source[:4]]
+
+
+def test_stats_are_fit_on_train_only(cache_dir):
+    stats = load_stats(cache_dir)
+    train = np.concatenate([read_cache_shard(str(p), ("img_emb",))["img_emb"] for p in sorted(Path(cache_dir).glob("train-*.tar"))])
+    assert np.allclose(stats["img_mean"], train.astype(np.float64).mean(0), atol=1e-4)
+    assert stats["pca_components"].shape[1] == 128
+    assert np.isclose(stats["pca_explained_ratio"].sum(), 1.0, atol=1e-4)
+    assert np.all(np.diff(stats["pca_explained_variance"]) <= 1e-7)
+
+
+def test_embed_resumes_after_an_interrupted_shard(embed_cfg, cache_dir, tmp_path):
+    cache = Path(cache_dir)
+    victim = cache / "train-00002.tar"
+    before = read_cache_shard(str(victim), ("img_emb",))
+    meta = read_meta(cache)
+    # a kill -9 mid-shard leaves a .tmp file and no meta entry; the finished shards must stay untouched
+    victim.rename(cache / "train-00002.tar.tmp")
+    del meta["counts"]["train-00002.tar"]
+    (cache / "meta.json").write_text(json.dumps(meta))
+    untouched = (cache / "train-00001.tar").stat().st_mtime_ns
+    torch.manual_seed(0)
+    embed(embed_cfg)
+    after = read_cache_shard(str(victim), ("img_emb",))
+    assert after["keys"] == before["keys"] and np.array_equal(after["img_emb"], before["img_emb"])
+    assert (cache / "train-00001.tar").stat().st_mtime_ns == untouched
+    assert read_meta(cache)["embedded"] == 96 + 24 + 24
+
+
+def test_cache_of_another_clip_is_refused(embed_cfg, cache_dir):
+    from omegaconf import OmegaConf
+
+    other = OmegaConf.merge(embed_cfg, {"clip": {"model_name": "ViT-B-32", "embed_dim": 512}})
+    with pytest.raises(ValueError, match="was made with CLIP unclip-tiny.*this run uses ViT-B-32"):
+        embed(other)

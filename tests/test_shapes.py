@@ -1,0 +1,71 @@
+import json
+import tarfile
+
+import pytest
+import webdataset as wds
+
+from unclip.data.shapes import COLORS, DEFAULT_HOLDOUT, POSITIONS, SHAPES, SIZES, ShapesConfig, make_sample, parse_cli, write_shapes
+
+
+def read_split(directory, split):
+    samples = []
+    for path in sorted(directory.glob(f"{split}-*.tar")):
+        samples += list(wds.WebDataset(str(path), shardshuffle=False).decode("pil"))
+    return samples
+
+
+def test_vocabulary_is_rich_enough():
+    assert len(SHAPES) >= 6 and len(COLORS) >= 8 and len(SIZES) == 3 and len(POSITIONS) == 9
+
+
+def test_shards_follow_the_img2dataset_layout(shapes_dir):
+    manifest = json.loads((shapes_dir / "manifest.json").read_text())
+    assert manifest["counts"]["train-00000.tar"] == 24 and sum(manifest["counts"].values()) == 96 + 24 + 24
+    with tarfile.open(shapes_dir / "train-00000.tar") as tar:
+        names = tar.getnames()
+    key = names[0].split(".")[0]
+    assert {f"{key}.png", f"{key}.txt", f"{key}.json"} <= set(names)
+    sample = read_split(shapes_dir, "train")[0]
+    assert sample["png"].size == (64, 64)
+    meta = sample["json"]
+    assert meta["split"] == "train" and {"shape", "color", "size", "position", "rgb"} <= set(meta["objects"][0])
+    assert sample["txt"].strip()
+
+
+def test_generation_is_deterministic_and_seed_dependent():
+    cfg = ShapesConfig(size=32)
+    a, b = make_sample(7, "train", cfg, set()), make_sample(7, "train", cfg, set())
+    assert a[0] == b[0] and a[1].tobytes() == b[1].tobytes()
+    other = make_sample(7, "train", ShapesConfig(size=32, seed=5), set())
+    assert other[1].tobytes() != a[1].tobytes()
+
+
+def test_captions_name_every_object_with_a_known_word(shapes_dir):
+    for sample in read_split(shapes_dir, "train"):
+        caption = sample["txt"]
+        for obj in sample["json"]["objects"]:
+            assert any(word in caption for word in SHAPES[obj["shape"]])
+            assert any(word in caption for word in COLORS[obj["color"]][-1])
+
+
+def test_held_out_compositions_never_in_train_and_present_in_unseen(shapes_dir):
+    holdout = {tuple(p) for p in DEFAULT_HOLDOUT}
+    for sample in read_split(shapes_dir, "train") + read_split(shapes_dir, "val"):
+        assert not {(o["shape"], o["color"]) for o in sample["json"]["objects"]} & holdout
+    unseen = read_split(shapes_dir, "val_unseen")
+    assert unseen and all((s["json"]["objects"][0]["shape"], s["json"]["objects"][0]["color"]) in holdout for s in unseen)
+
+
+def test_rerun_with_same_settings_is_skipped(shapes_dir):
+    before = (shapes_dir / "train-00000.tar").stat().st_mtime_ns
+    write_shapes(ShapesConfig(out=str(shapes_dir), n=96, n_val=24, n_val_unseen=24, shards=4, size=64, seed=1))
+    assert (shapes_dir / "train-00000.tar").stat().st_mtime_ns == before
+
+
+def test_cli_rejects_unknown_keys_and_holdout():
+    with pytest.raises(SystemExit, match="bad argument 'colour=red'"):
+        parse_cli(["colour=red"])
+    assert parse_cli(["n=5", "holdout=[[star, red]]"]).holdout == [["star", "red"]]
+    from unclip.data.shapes import validate_holdout
+    with pytest.raises(ValueError, match="unknown shape or colour"):
+        validate_holdout([["blob", "red"]])

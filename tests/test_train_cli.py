@@ -1,0 +1,46 @@
+"""train.py end to end on tiny shards: checkpoints, logs, publishing, resume and a multirun."""
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_config import run_cli
+
+
+def common(shapes_dir, root):
+    return [f"paths.root={root}", f"data.train={shapes_dir}/train-*.tar", f"data.val={shapes_dir}/val-*.tar",
+            f"data.val_unseen={shapes_dir}/val_unseen-*.tar", "data.batch_size=16", "data.val_batch_size=24",
+            "data.num_workers=0", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
+            "trainer.enable_progress_bar=false", "optim.warmup_steps=1"]
+
+
+@pytest.mark.slow
+def test_train_writes_checkpoints_logs_and_artifact_and_resumes(shapes_dir, tmp_path):
+    args = common(shapes_dir, tmp_path) + ["model=clip_pretrain", "run.name=tiny"]
+    first = run_cli(*args, "trainer.max_steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = tmp_path / "runs" / "shapes" / "clip_pretrain" / "tiny"
+    assert (run / "checkpoints" / "last.ckpt").exists() and (run / ".hydra" / "config.yaml").exists()
+    assert (tmp_path / "artifacts" / "clip" / "shapes.pt").exists() and (tmp_path / "artifacts" / "clip" / "shapes.json").exists()
+    metrics = list(csv.DictReader(open(next(run.glob("csv/version_*/metrics.csv")))))
+    keys = {k for row in metrics for k, v in row.items() if v}
+    assert {"train/loss", "val/clip/retrieval_top1", "val/clip/retrieval_top1_unseen", "val/clip/zeroshot_shape"} <= keys
+    # the same command with a longer run resumes from last.ckpt in the same directory
+    second = run_cli(*args, "trainer.max_steps=4")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from" in second.stderr + second.stdout
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 4
+
+
+@pytest.mark.slow
+def test_multirun_gives_one_directory_per_override_set(shapes_dir, tmp_path):
+    result = run_cli("-m", *common(shapes_dir, tmp_path), "model=clip_pretrain", "trainer.max_steps=1", "publish=false",
+                     "optim.optimizer.lr=1e-4,3e-4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted((tmp_path / "runs" / "shapes" / "clip_pretrain").iterdir())
+    assert len(runs) == 2 and all((run / "checkpoints" / "last.ckpt").exists() for run in runs)
+    configs = sorted((run / ".hydra" / "overrides.yaml").read_text() for run in runs)
+    assert "optim.optimizer.lr=0.0001" in configs[0] + configs[1] and "optim.optimizer.lr=0.0003" in configs[0] + configs[1]

@@ -1,0 +1,169 @@
+"""FrozenCLIP: an open_clip model and its tokenizer, frozen, giving z_t (+ token states) and z_i.
+
+Loads any open_clip model name with a pretrained tag (``ViT-B-32`` / ``laion2b_s34b_b79k``), a local
+checkpoint path, or a model registered by this project (``unclip-tiny``, and CLIPs published by
+``model=clip_pretrain`` as ``NAME.pt`` + ``NAME.json``). The object is deliberately *not* an
+``nn.Module``: a LightningModule that holds it does not register, average (EMA) or checkpoint it; it
+is named by its identity (model name + sha256 of the weights) instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+CONFIG_DIR = Path(__file__).parent / "clip_configs"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+open_clip.add_model_config(CONFIG_DIR)
+
+
+@dataclass
+class TextEncoding:
+    z_txt: torch.Tensor  # (B, D) normalised pooled text embedding z_t
+    tokens: torch.Tensor  # (B, L, W) token states after the final LayerNorm, before pooling
+    mask: torch.Tensor  # (B, L) bool, True for real tokens (start .. end-of-text)
+
+
+def register_published(path: str | Path) -> str:
+    """Registers the model-config JSON published beside a CLIP state dict; returns its model name."""
+    config = Path(path).with_suffix(".json")
+    if not config.exists():
+        raise FileNotFoundError(f"CLIP checkpoint {path} has no model config {config} beside it; pass clip.model_name")
+    open_clip.add_model_config(config)
+    return config.stem
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 over the sorted state_dict names and tensor bytes: moving or re-saving weights keeps it."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class FrozenCLIP:
+    """A frozen open_clip model: ``encode_text`` -> :class:`TextEncoding`, ``encode_image`` -> z_i."""
+
+    def __init__(self, model_name: str | None = None, pretrained: str | None = None, precision: str = "fp32",
+                 device: str | torch.device = "cpu", name: str | None = None, **_ignored):
+        if pretrained and Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors") and not Path(pretrained).exists():
+            raise FileNotFoundError(f"CLIP weights {pretrained} not found; train them with `python train.py model=clip_pretrain` "
+                                    f"(published to outputs/artifacts/clip/) or set clip.pretrained")
+        if pretrained and Path(pretrained).exists() and Path(pretrained).with_suffix(".json").exists():
+            published = register_published(pretrained)
+            model_name = model_name or published
+        if not model_name:
+            raise ValueError("clip.model_name is required (an open_clip model name, e.g. ViT-B-32 or unclip-tiny)")
+        if precision not in DTYPES:
+            raise ValueError(f"clip.precision must be one of {list(DTYPES)}, got {precision!r}")
+        self.model_name, self.pretrained, self.name = model_name, pretrained, name or model_name
+        self.model, _, self.preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
+        self.model.eval().requires_grad_(False).to(device=device, dtype=DTYPES[precision])
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        self.dtype = DTYPES[precision]
+        cfg = self.model.visual.preprocess_cfg
+        self.image_size = self.model.visual.image_size
+        self.image_size = self.image_size[0] if isinstance(self.image_size, (tuple, list)) else self.image_size
+        self.mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
+        self.std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+        self._sha256: str | None = None
+
+    # ------------------------------------------------------------------ identity and placement
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def embed_dim(self) -> int:
+        return int(open_clip.get_model_config(self.model_name)["embed_dim"])
+
+    @property
+    def text_width(self) -> int:
+        return int(self.model.ln_final.normalized_shape[0]) if hasattr(self.model, "ln_final") else int(self.model.text.width)
+
+    @property
+    def context_length(self) -> int:
+        return int(self.tokenizer.context_length)
+
+    def identity(self) -> dict:
+        if self._sha256 is None:
+            self._sha256 = weights_sha256(self.model)
+        return {"model": self.model_name, "sha256": self._sha256, "dim": self.embed_dim,
+                "pretrained": str(self.pretrained) if self.pretrained else None}
+
+    def to(self, device) -> "FrozenCLIP":
+        self.model.to(device)
+        return self
+
+    # -------------------------------------------------------------------------------- text
+    def tokenize(self, captions: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(captions)).to(self.device)
+
+    @torch.no_grad()
+    def encode_text(self, captions: Sequence[str]) -> TextEncoding:
+        """Pooled, normalised z_t: (B, D) and per-token states (B, L, W) with their mask.
+
+        open_clip's ``encode_text`` returns only the pooled vector, so the text tower's own pieces run
+        here in its order (token + positional embedding, causal transformer, final LayerNorm, pooling,
+        projection); the test checks the pooled result against ``encode_text``.
+        """
+        text = self.tokenize(captions)
+        model = self.model
+        if hasattr(model, "transformer") and hasattr(model, "token_embedding"):
+            cast = model.transformer.get_cast_dtype()
+            x = model.token_embedding(text).to(cast) + model.positional_embedding.to(cast)
+            x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
+            pooled = open_clip.transformer.text_global_pool(x, text, model.text_pool_type,
+                                                            eos_token_id=getattr(model, "text_eos_id", None))
+            if model.text_projection is not None:
+                pooled = model.text_projection(pooled) if isinstance(model.text_projection, torch.nn.Linear) else pooled @ model.text_projection
+        else:  # CustomTextCLIP: the text tower returns its tokens when asked
+            tower = model.text
+            previous, tower.output_tokens = tower.output_tokens, True
+            try:
+                pooled, x = tower(text)
+            finally:
+                tower.output_tokens = previous
+        mask = text != 0
+        mask[torch.arange(len(text)), text.argmax(-1)] = True  # the end-of-text token is always real
+        return TextEncoding(F.normalize(pooled.float(), dim=-1), x.float(), mask)
+
+    # ------------------------------------------------------------------------------- images
+    def prepare_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> CLIP input: bicubic resize to the CLIP resolution, then open_clip's mean/std."""
+        x = (images.float() + 1) / 2
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True, align_corners=False)
+            x = x.clamp(0, 1)
+        return ((x - self.mean.to(x.device)) / self.std.to(x.device)).to(self.dtype)
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor | Sequence[Image.Image]) -> torch.Tensor:
+        """Normalised z_i (B, D), from a tensor in [-1, 1] or from PIL images (open_clip's own preprocess)."""
+        if isinstance(images, torch.Tensor):
+            pixels = self.prepare_images(images.to(self.device))
+        else:
+            pixels = torch.stack([self.preprocess(img) for img in images]).to(self.device, self.dtype)
+        return F.normalize(self.model.encode_image(pixels).float(), dim=-1)
+
+
+def save_published(model: torch.nn.Module, model_name: str, path: str | Path) -> Path:
+    """Publishes a CLIP as a plain open_clip state dict ``NAME.pt`` plus its model config ``NAME.json``,
+    so both open_clip itself and ``clip.pretrained=NAME.pt`` load it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = open_clip.get_model_config(model_name)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    tmp.replace(path)
+    path.with_suffix(".json").write_text(json.dumps(config, indent=1))
+    return path

@@ -1,0 +1,168 @@
+"""Build the chunked embedding cache: a frozen CLIP embeds every caption-image pair once.
+
+    python -m unclip.embed                       # data=shapes clip=shapes_tiny by default
+    python -m unclip.embed clip=vit_b_32 clip.pretrained=/ckpt/vit-b-32.pt data=webdataset data.train=...
+
+For each source shard ``NAME.tar`` it writes the cache shard ``NAME.tar`` (see ``unclip.data.cache``),
+atomically, so a killed job loses at most the shard in progress; a rerun skips finished shards. At the
+end it writes ``stats.npz`` (mean/std of z_i and z_t, PCA of z_i; train shards only) and ``meta.json``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+import webdataset as wds
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from tqdm import tqdm
+
+from unclip.data import cache as cache_lib
+from unclip.data.datamodule import SkipCounter, SkipSample, decode_source_sample, image_member, resolve_shards, shard_name, shard_sizes
+
+log = logging.getLogger(__name__)
+
+
+def open_rgb(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as img:
+        return img.convert("RGB")
+
+
+class ShardEmbedder:
+    """Embeds one source shard in batches: images through open_clip's own preprocessing, captions
+    through its tokenizer; corrupt or incomplete samples are skipped and counted."""
+
+    def __init__(self, clip, batch_size: int = 256, token_states: bool = False):
+        self.clip, self.batch_size, self.token_states = clip, batch_size, token_states
+
+    def __call__(self, url: str, progress: tqdm | None = None) -> tuple[dict, Counter]:
+        skips = SkipCounter()
+        keys, captions, images = [], [], []
+        out: dict[str, list] = {"keys": [], "captions": [], "img_emb": [], "txt_emb": [], "txt_tok": []}
+
+        def flush():
+            if not keys:
+                return
+            z_img = self.clip.encode_image(images)
+            text = self.clip.encode_text(captions)
+            out["img_emb"].append(z_img.half().cpu().numpy())
+            out["txt_emb"].append(text.z_txt.half().cpu().numpy())
+            if self.token_states:
+                out["txt_tok"].append((text.tokens * text.mask[..., None]).half().cpu().numpy())
+            out["keys"].extend(keys)
+            out["captions"].extend(captions)
+            if progress is not None:
+                progress.update(len(keys))
+            keys.clear(), captions.clear(), images.clear()
+
+        for sample in wds.tariterators.tarfile_samples([{"url": url}], handler=skips.handler("bad_tar_member")):
+            try:
+                decoded = decode_source_sample(sample, {"caption"}, None, None, None, None)
+                ext = image_member(sample)
+                if ext is None:
+                    raise SkipSample("missing_image", f"{sample['__key__']} has no image member")
+                try:
+                    image = open_rgb(sample[ext])
+                except Exception as exn:  # noqa: BLE001 - PIL raises many types for corrupt files
+                    raise SkipSample("corrupt_image", f"{sample['__key__']}: {exn!r}") from exn
+            except SkipSample as skip:
+                skips.skip(skip.reason, str(skip))
+                continue
+            keys.append(decoded["key"])
+            captions.append(decoded["caption"])
+            images.append(image)
+            if len(keys) == self.batch_size:
+                flush()
+        flush()
+        dim = self.clip.embed_dim
+        rows = {f: (np.concatenate(out[f]) if out[f] else np.zeros((0, dim), np.float16)) for f in ("img_emb", "txt_emb")}
+        if self.token_states and out["txt_tok"]:
+            rows["txt_tok"] = np.concatenate(out["txt_tok"])
+        return {"rows": rows, "keys": out["keys"], "captions": out["captions"]}, skips.total
+
+
+def compute_stats(cache_dir: Path, shards: list[str]) -> dict[str, np.ndarray]:
+    """Per-dimension mean/std of z_i and z_t and the PCA of z_i (what the AR prior tokenises), from train shards."""
+    img, txt = [], []
+    for name in shards:
+        table = cache_lib.read_cache_shard(str(cache_dir / name), ("img_emb", "txt_emb"))
+        img.append(table["img_emb"].astype(np.float64))
+        txt.append(table["txt_emb"].astype(np.float64))
+    z_img, z_txt = np.concatenate(img), np.concatenate(txt)
+    centred = z_img - z_img.mean(0)
+    _, singular, components = np.linalg.svd(centred, full_matrices=False)
+    variance = singular**2 / max(1, len(z_img) - 1)
+    return {
+        "img_mean": z_img.mean(0).astype(np.float32), "img_std": z_img.std(0).astype(np.float32),
+        "txt_mean": z_txt.mean(0).astype(np.float32), "txt_std": z_txt.std(0).astype(np.float32),
+        "pca_mean": z_img.mean(0).astype(np.float32), "pca_components": components.astype(np.float32),  # (k, D) rows
+        "pca_explained_variance": variance.astype(np.float32),
+        "pca_explained_ratio": (variance / variance.sum()).astype(np.float32),
+        "baseline_cos": np.float32(np.mean(np.sum(z_img * z_txt, -1) / (np.linalg.norm(z_img, axis=-1) * np.linalg.norm(z_txt, axis=-1)))),
+    }
+
+
+def embed(cfg: DictConfig) -> dict:
+    """Embeds every split's shards that are not cached yet; returns the cache meta."""
+    clip = instantiate(cfg.clip, _convert_="all")
+    identity = clip.identity()
+    cache_dir = Path(cfg.data.cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        meta = cache_lib.read_meta(cache_dir)
+        cache_lib.check_identity(meta, identity, cache_dir)
+    except FileNotFoundError:
+        meta = {"clip": identity, "dim": clip.embed_dim, "chunk_size": int(cfg.chunk_size), "counts": {}, "skipped": {}, "splits": {}}
+    embedder = ShardEmbedder(clip, batch_size=int(cfg.batch_size), token_states=bool(cfg.token_states))
+    todo = []
+    for split in cfg.splits:
+        spec = cfg.data.get(split)
+        if spec:
+            todo += [(split, url) for url in resolve_shards(OmegaConf.to_container(spec) if not isinstance(spec, str) else spec)]
+    sizes = shard_sizes([u for _, u in todo])
+    pending = [(s, u) for s, u in todo if not ((cache_dir / shard_name(u)).exists() and shard_name(u) in meta["counts"])]
+    total = sum(sizes.get(shard_name(u), 0) for _, u in pending)
+    log.info("embedding %d of %d shards into %s", len(pending), len(todo), cache_dir)
+    start = time.perf_counter()
+    with tqdm(total=total, unit="img", desc="embed", disable=not cfg.progress) as progress:
+        for split, url in pending:
+            name = shard_name(url)
+            table, skipped = embedder(url, progress)
+            cache_lib.write_cache_shard(cache_dir / name, table["rows"], table["keys"], table["captions"], int(cfg.chunk_size))
+            meta["counts"][name], meta["skipped"][name], meta["splits"][name] = len(table["keys"]), dict(skipped), split
+            cache_lib.write_meta(cache_dir, meta)  # after every shard: a kill loses only the shard in progress
+            if skipped:
+                log.warning("%s: skipped %s", name, dict(skipped))
+    elapsed = time.perf_counter() - start
+    train = sorted(n for n, s in meta["splits"].items() if s == "train")
+    if pending or not (cache_dir / cache_lib.STATS_FILE).exists():
+        if not train:
+            raise ValueError(f"no train shards embedded in {cache_dir}; stats (mean/std, PCA) are fit on train only")
+        stats = compute_stats(cache_dir, train)
+        np.savez(cache_dir / cache_lib.STATS_FILE, **stats)
+        meta["baseline_cos"] = float(stats["baseline_cos"])
+    meta["embedded"] = sum(meta["counts"].values())
+    meta["skipped_total"] = sum(sum(v.values()) for v in meta["skipped"].values())
+    cache_lib.write_meta(cache_dir, meta)
+    if pending:
+        log.info("embedded %d samples in %.1fs (%.0f img/s)", total, elapsed, total / max(elapsed, 1e-9))
+    return meta
+
+
+@hydra.main(config_path="../conf", config_name="embed", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    meta = embed(cfg)
+    print(f"cache {cfg.data.cache_dir}: {meta['embedded']} samples, {meta['skipped_total']} skipped, dim {meta['dim']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Plumbing every unclip LightningModule shares: optimiser + warmup schedule, per-step seeding,
+data epoch, skipped-sample logging, and the split suffix of validation metrics."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import lightning.pytorch as pl
+import torch
+from hydra.utils import instantiate
+
+from unclip.data.datamodule import hash_seed
+
+VAL_SPLITS = ("", "_unseen")  # validation dataloader 0: seen compositions; 1: held-out compositions
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int | None, min_lr_ratio: float, schedule: str):
+    """LR multiplier: linear warmup, then cosine decay to ``min_lr_ratio`` (or constant)."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant" or not total_steps or total_steps <= warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {schedule!r}")
+    return factor
+
+
+class UnclipModule(pl.LightningModule):
+    """Base class: subclasses implement ``training_step``/``validation_step`` and ``trainable_parameters``."""
+
+    def __init__(self, optim: dict | None = None, seed: int = 0):
+        super().__init__()
+        self.optim_cfg = optim or {"optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 3e-4}}
+        self.seed = seed
+        self.skipped: Counter = Counter()
+
+    # --------------------------------------------------------------------------- optimiser
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        cfg = dict(self.optim_cfg)
+        optimizer = instantiate(cfg["optimizer"], _convert_="all")(self.trainable_parameters())
+        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps and self.trainer.max_steps > 0 else None
+        factor = warmup_cosine(int(cfg.get("warmup_steps", 0)), total, float(cfg.get("min_lr_ratio", 0.1)),
+                               cfg.get("schedule", "cosine"))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -------------------------------------------------------------------- determinism, data
+    def on_train_epoch_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "set_epoch"):
+            datamodule.set_epoch(self.current_epoch)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Checkpoints hold no RNG state: seed every step from (seed, step, rank) so that timesteps, noise,
+        # condition dropout and nn.Dropout of a resumed run repeat the uninterrupted run.
+        torch.manual_seed(hash_seed(self.seed, self.global_step, self.global_rank))
+        self.log_skipped(batch)
+
+    def log_skipped(self, batch: dict) -> None:
+        for reason, count in (batch.get("skipped") or {}).items():
+            self.skipped[reason] += int(count)
+        for reason, total in self.skipped.items():
+            self.log(f"data/skipped_{reason}", float(total), on_step=True, on_epoch=False, reduce_fx="sum", sync_dist=False)
+
+    @staticmethod
+    def split_suffix(dataloader_idx: int) -> str:
+        return VAL_SPLITS[dataloader_idx] if dataloader_idx < len(VAL_SPLITS) else f"_{dataloader_idx}"
+
+    # ------------------------------------------------------------------------- publishing
+    def publish(self, path) -> None:
+        """Writes the finished stage to ``path`` (a plain artifact other stages load); subclasses override."""
+        raise NotImplementedError(f"{type(self).__name__} does not publish an artifact")

@@ -1,0 +1,118 @@
+"""Contrastive pretraining of a small open_clip model on the project's own caption-image pairs.
+
+Loss: open_clip's ``ClipLoss`` (symmetric InfoNCE, Radford et al. 2021) with the model's learnable
+logit scale. Validation reports caption->image retrieval top-1/top-5 over up to ``retrieval_pool`` val
+pairs and zero-shot shape / colour accuracy from prompts built from the shapes vocabulary.
+"""
+
+from __future__ import annotations
+
+import open_clip
+import torch
+import torch.nn.functional as F
+
+from unclip.clip import save_published
+from unclip.data.shapes import VOCAB
+from unclip.modules.base import UnclipModule
+
+
+def retrieval_topk(z_txt: torch.Tensor, z_img: torch.Tensor, ks=(1, 5)) -> dict[int, float]:
+    """Caption i should retrieve image i among all images: fraction whose true image ranks in the top k."""
+    sims = z_txt @ z_img.T  # (N, N)
+    rank = (sims > sims.diagonal()[:, None]).sum(1)  # images scored above the true one
+    return {k: (rank < k).float().mean().item() for k in ks}
+
+
+def attribute_prompts(attribute: str) -> dict[str, list[str]]:
+    """Prompt ensembles (Radford et al. 2021, §3.1.4): a shape class averages "a {colour} {shape}" over
+    every colour, a colour class over every shape, so no single wording decides."""
+    if attribute == "shape":
+        return {s: [f"a {c} {s}" for c in VOCAB.colors] for s in VOCAB.shapes}
+    return {c: [f"a {c} {s}" for s in VOCAB.shapes] for c in VOCAB.colors}
+
+
+def zero_shot_attributes(clip_encode_text, z_img: torch.Tensor, metas: list[dict]) -> dict[str, float]:
+    """Shape and colour accuracy on single-object images, by the nearest (ensembled) class embedding."""
+    single = [i for i, m in enumerate(metas) if len(m.get("objects", [])) == 1]
+    if not single:
+        return {}
+    out = {}
+    for attribute in ("shape", "color"):
+        prompts = attribute_prompts(attribute)
+        classes = torch.stack([F.normalize(F.normalize(clip_encode_text(texts), dim=-1).mean(0), dim=-1)
+                               for texts in prompts.values()])
+        predicted = (z_img[single] @ classes.T).argmax(-1)
+        names = list(prompts)
+        truth = torch.tensor([names.index(metas[i]["objects"][0][attribute]) for i in single])
+        out[attribute] = (predicted.cpu() == truth).float().mean().item()
+    return out
+
+
+class ClipPretrainModule(UnclipModule):
+    """Trains an open_clip model (from its config name, randomly initialised) with ``ClipLoss``."""
+
+    kind = "clip"
+
+    def __init__(self, model_name: str = "unclip-tiny", optim: dict | None = None, seed: int = 0,
+                 retrieval_pool: int = 1000, clip_name: str | None = None):
+        super().__init__(optim=optim, seed=seed)
+        self.save_hyperparameters({"kind": self.kind, "model_name": model_name, "retrieval_pool": retrieval_pool})
+        self.model_name, self.retrieval_pool = model_name, retrieval_pool
+        self.model = open_clip.create_model(model_name)
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        cfg = self.model.visual.preprocess_cfg
+        size = self.model.visual.image_size
+        self.image_size = size[0] if isinstance(size, (tuple, list)) else size
+        self.register_buffer("pixel_mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(cfg["std"]).view(1, 3, 1, 1), persistent=False)
+        self.loss_fn = open_clip.ClipLoss()
+        self._val: dict[int, dict[str, list]] = {}
+
+    def setup(self, stage: str) -> None:
+        if self.trainer is not None and self.trainer.world_size > 1:
+            self.loss_fn = open_clip.ClipLoss(local_loss=True, gather_with_grad=True, rank=self.global_rank,
+                                              world_size=self.trainer.world_size)
+
+    def pixels(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images + 1) / 2
+        if x.shape[-1] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True).clamp(0, 1)
+        return (x - self.pixel_mean) / self.pixel_std
+
+    def encode(self, images: torch.Tensor, captions: list[str]):
+        tokens = self.tokenizer(captions).to(self.device)
+        out = self.model(self.pixels(images), tokens)
+        return out if isinstance(out, tuple) else (out["image_features"], out["text_features"], out["logit_scale"])
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        z_img, z_txt, logit_scale = self.encode(batch["image"], batch["caption"])
+        loss = self.loss_fn(z_img, z_txt, logit_scale)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/logit_scale", logit_scale.detach())
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        store = self._val.setdefault(dataloader_idx, {"img": [], "txt": [], "meta": []})
+        if sum(len(x) for x in store["img"]) >= self.retrieval_pool:
+            return
+        z_img, z_txt, logit_scale = self.encode(batch["image"], batch["caption"])
+        self.log(f"val/loss{self.split_suffix(dataloader_idx)}", self.loss_fn(z_img, z_txt, logit_scale),
+                 add_dataloader_idx=False, batch_size=len(z_img))
+        store["img"].append(z_img.float())
+        store["txt"].append(z_txt.float())
+        store["meta"] += batch.get("meta", [{}] * len(z_img))
+
+    def on_validation_epoch_end(self) -> None:
+        for idx, store in self._val.items():
+            suffix = self.split_suffix(idx)
+            z_img = torch.cat(store["img"])[: self.retrieval_pool]
+            z_txt = torch.cat(store["txt"])[: self.retrieval_pool]
+            for k, value in retrieval_topk(z_txt, z_img).items():
+                self.log(f"val/clip/retrieval_top{k}{suffix}", value, add_dataloader_idx=False)
+            encode = lambda texts: self.model.encode_text(self.tokenizer(texts).to(self.device))  # noqa: E731
+            for attribute, value in zero_shot_attributes(encode, z_img, store["meta"][: self.retrieval_pool]).items():
+                self.log(f"val/clip/zeroshot_{attribute}{suffix}", value, add_dataloader_idx=False)
+        self._val = {}
+
+    def publish(self, path) -> None:
+        save_published(self.model, self.model_name, path)
