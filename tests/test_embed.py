@@ -63,3 +63,47 @@ def test_cache_of_another_clip_is_refused(embed_cfg, cache_dir):
     other = OmegaConf.merge(embed_cfg, {"clip": {"model_name": "ViT-B-32", "embed_dim": 512}})
     with pytest.raises(ValueError, match="was made with CLIP unclip-tiny.*this run uses ViT-B-32"):
         embed(other)
+
+
+def test_clip_retrieval_partitions_ingest_and_join_by_key(cache_dir, shapes_dir, tmp_path):
+    """Partitions whose rows cut across source shards, in another order: the join still goes by key."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from unclip.data.clip_retrieval import ingest
+    from unclip.data.datamodule import CaptionImageDataModule
+
+    train = [read_cache_shard(str(p), ("img_emb", "txt_emb")) for p in sorted(Path(cache_dir).glob("train-*.tar"))]
+    keys = [k for t in train for k in t["keys"]]
+    captions = [c for t in train for c in t["captions"]]
+    img, txt = np.concatenate([t["img_emb"] for t in train]), np.concatenate([t["txt_emb"] for t in train])
+    order = np.random.default_rng(0).permutation(len(keys))
+    src = tmp_path / "clip_retrieval"
+    for sub in ("img_emb", "text_emb", "metadata"):
+        (src / sub).mkdir(parents=True)
+    for part, rows in enumerate(np.array_split(order, 2)):
+        np.save(src / "img_emb" / f"img_emb_{part}.npy", img[rows])
+        np.save(src / "text_emb" / f"text_emb_{part}.npy", txt[rows])
+        pq.write_table(pa.table({"key": [keys[i] for i in rows], "caption": [captions[i] for i in rows]}),
+                       src / "metadata" / f"metadata_{part}.parquet")
+    out = tmp_path / "ingested"
+    meta = ingest(src, out, model="unclip-tiny", chunk_size=16)
+    assert meta["embedded"] == 96 and sorted(meta["counts"]) == ["part-00000.tar", "part-00001.tar"]
+    part0 = read_cache_shard(str(out / "part-00000.tar"), ("img_emb",))
+    assert part0["keys"] == [keys[i] for i in np.array_split(order, 2)[0]]
+    assert np.array_equal(part0["img_emb"], img[np.array_split(order, 2)[0]])
+
+    truth = dict(zip(keys, img))
+    dm = CaptionImageDataModule(train=str(shapes_dir / "train-*.tar"), fields=["image", "img_emb"], cache_dir=str(out),
+                                batch_size=8, image_size=8, shuffle=False)
+    dm.setup()
+    seen = 0
+    for batch in dm.train_dataloader():
+        for key, emb in zip(batch["key"], batch["img_emb"]):
+            assert np.array_equal(emb.numpy(), truth[key].astype(np.float32))
+            seen += 1
+    assert seen == 96
+    priors = CaptionImageDataModule(train=str(shapes_dir / "train-*.tar"), fields=["img_emb", "txt_emb"], cache_dir=str(out),
+                                    batch_size=8)
+    priors.setup()
+    assert sorted(k for b in priors.train_dataloader() for k in b["key"]) == sorted(keys)

@@ -27,6 +27,7 @@ import webdataset as wds
 EMBEDDING_MEMBERS = {"img_emb": "img_emb.npy", "txt_emb": "txt_emb.npy", "txt_tok": "txt_tok.npy"}
 META_FILE = "meta.json"
 STATS_FILE = "stats.npz"
+INDEX_FILE = "index.json"  # partition layout only: key -> [cache shard, row]
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -123,7 +124,10 @@ def write_meta(cache_dir: str | Path, meta: dict) -> None:
 def check_identity(meta: dict, identity: dict, cache_dir) -> None:
     """Refuses a cache made by another CLIP: identity is (model name, sha256 of the weights)."""
     cached = meta.get("clip", {})
-    if (cached.get("model"), cached.get("sha256")) != (identity.get("model"), identity.get("sha256")):
+    same = cached.get("model") == identity.get("model") and meta.get("dim", identity.get("dim")) == identity.get("dim")
+    if cached.get("sha256") is not None:  # ingested caches (clip-retrieval) know the model name, not the weights
+        same = same and cached.get("sha256") == identity.get("sha256")
+    if not same:
         raise ValueError(
             f"embedding cache {cache_dir} was made with CLIP {cached.get('model')} (weights {str(cached.get('sha256'))[:12]}, "
             f"dim {meta.get('dim')}), but this run uses {identity.get('model')} (weights {str(identity.get('sha256'))[:12]}, "
@@ -136,3 +140,43 @@ def load_stats(cache_dir: str | Path) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"no {STATS_FILE} in embedding cache {cache_dir}; rerun `python -m unclip.embed`")
     with np.load(path) as stats:
         return {k: stats[k] for k in stats.files}
+
+
+class ShardRows:
+    """The rows of one cache shard, looked up by sample key."""
+
+    def __init__(self, table: dict, fields: tuple[str, ...]):
+        self.table, self.fields = table, fields
+        self.index = {key: row for row, key in enumerate(table["keys"])}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def lookup(self, key: str) -> dict[str, np.ndarray] | None:
+        row = self.index.get(key)
+        return None if row is None else {f: self.table[f][row] for f in self.fields}
+
+
+class PartitionRows:
+    """Rows of a partition-layout cache (clip-retrieval), found through ``index.json``: key -> (shard, row).
+    Partitions load on first use and the last few stay in memory (source shards tend to follow them)."""
+
+    def __init__(self, cache_dir: str | Path, fields: tuple[str, ...], handler=wds.reraise_exception, keep: int = 2):
+        self.cache_dir, self.fields, self.handler, self.keep = Path(cache_dir), fields, handler, keep
+        self.index = json.loads((self.cache_dir / INDEX_FILE).read_text())
+        self.loaded: dict[str, dict] = {}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def lookup(self, key: str) -> dict[str, np.ndarray] | None:
+        where = self.index.get(key)
+        if where is None:
+            return None
+        shard, row = where
+        if shard not in self.loaded:
+            if len(self.loaded) >= self.keep:
+                self.loaded.pop(next(iter(self.loaded)))
+            self.loaded[shard] = read_cache_shard(str(self.cache_dir / shard), self.fields, self.handler)
+        table = self.loaded[shard]
+        return {f: table[f][row] for f in self.fields}

@@ -308,7 +308,7 @@ class SkipSample(Exception):
 
 
 def decode_source_sample(sample: dict, want: set[str], image_size: int | None, lowres_size: int | None,
-                         embeddings: dict | None, dims: dict[str, int] | None) -> dict:
+                         embeddings, dims: dict[str, int] | None) -> dict:
     """Decodes only what the stage needs from one source sample and joins its embeddings by key."""
     key = sample["__key__"]
     out: dict = {"key": key}
@@ -338,12 +338,12 @@ def decode_source_sample(sample: dict, want: set[str], image_size: int | None, l
             out["image_lowres"] = torch.nn.functional.interpolate(image[None], size=(lowres_size, lowres_size), mode="bicubic",
                                                                   antialias=True, align_corners=False)[0].clamp(-1, 1)
     if embeddings is not None:
-        row = embeddings["index"].get(key)
-        if row is None:
+        rows = embeddings.lookup(key)
+        if rows is None:
             raise SkipSample("missing_embedding", f"{key} of {sample.get('__url__')} has no row in the embedding cache")
         for field in EMBEDDING_FIELDS:
             if field in want:
-                vector = embeddings[field][row]
+                vector = rows[field]
                 if dims and field in dims and vector.shape[-1] != dims[field]:
                     raise SkipSample("bad_embedding", f"{key}: {field} has dim {vector.shape[-1]}, expected {dims[field]}")
                 out[field] = torch.from_numpy(vector.astype(np.float32))
@@ -362,31 +362,35 @@ class SampleBatches(_ShardStream):
     """Per-sample decoding of source shards (images and captions), joined by key to cache rows."""
 
     def __init__(self, urls, fields, batch_size, image_size=None, lowres_size=None, cache_dir=None, dims=None,
-                 shuffle_buffer: int = 256, on_missing_embedding: str = "skip", **kw):
+                 shuffle_buffer: int = 256, on_missing_embedding: str = "skip", partitioned: bool = False, **kw):
         super().__init__(urls, batch_size, **kw)
+        self.partitioned, self._partition_rows = partitioned, None
         self.want = set(fields) | {"caption"}
         self.image_size, self.lowres_size, self.cache_dir, self.dims = image_size, lowres_size, cache_dir, dims
         self.shuffle_buffer = shuffle_buffer if self.shuffle else 0
         self.on_missing_embedding = on_missing_embedding
 
-    def _embeddings(self, url: str, skips: SkipCounter) -> dict | None:
+    def _embeddings(self, url: str, skips: SkipCounter):
+        """The cache rows this source shard joins to: its own cache shard, or the partition index."""
         fields = tuple(f for f in EMBEDDING_FIELDS if f in self.want)
         if not fields:
             return None
+        if self.partitioned:
+            if self._partition_rows is None:
+                self._partition_rows = cache_lib.PartitionRows(self.cache_dir, fields, skips.handler("bad_chunk"))
+            return self._partition_rows
         cache_url = os.path.join(self.cache_dir, shard_name(url))
         if not os.path.exists(cache_url):
             if self.on_missing_embedding == "error":
                 raise FileNotFoundError(f"no cache shard {cache_url} for source shard {url}; run `python -m unclip.embed`")
             skips.skip("missing_cache_shard", f"{cache_url} (every sample of {url} skipped)")
-            return {"index": {}}
-        table = cache_lib.read_cache_shard(cache_url, fields, skips.handler("bad_chunk"))
-        table["index"] = {key: row for row, key in enumerate(table["keys"])}
-        return table
+            return cache_lib.ShardRows({"keys": []}, fields)
+        return cache_lib.ShardRows(cache_lib.read_cache_shard(cache_url, fields, skips.handler("bad_chunk")), fields)
 
     def samples(self, skips: SkipCounter) -> Iterator[dict]:
         for url in self.shard_order():
             embeddings = self._embeddings(url, skips)
-            if embeddings is not None and not embeddings["index"]:
+            if embeddings is not None and not len(embeddings):
                 continue
             for sample in wds.tariterators.tarfile_samples([{"url": url}], handler=skips.handler("bad_tar_member")):
                 try:
@@ -510,7 +514,12 @@ class CaptionImageDataModule(pl.LightningDataModule):
         common = dict(mode=self.mode if training else "exact", seed=self.seed, shuffle=self.shuffle and training,
                       drop_last=training, batches_per_epoch=self.batches_per_epoch if training else None)
         batch_size = self.batch_size if training else self.val_batch_size
+        partitioned = bool(self.cache_meta) and self.cache_meta.get("layout") == "partitions"
         if self.embeddings_only and self.needs_cache:
+            if partitioned:  # clip-retrieval partitions: the cache's own shards of this split, not the source's names
+                urls = [os.path.join(self.cache_dir, n) for n, s in sorted(self.cache_meta["splits"].items()) if s == split]
+                if not urls:
+                    raise FileNotFoundError(f"partition cache {self.cache_dir} has no {split} partitions")
             cache_urls = [os.path.join(self.cache_dir, shard_name(u)) for u in urls]
             missing = [u for u in cache_urls if not os.path.exists(u)]
             if missing:
@@ -522,7 +531,8 @@ class CaptionImageDataModule(pl.LightningDataModule):
         self.check_source_fields(urls[0])
         return SampleBatches(urls, self.fields, batch_size, image_size=self.image_size, lowres_size=self.lowres_size,
                              cache_dir=self.cache_dir, dims=dims, shuffle_buffer=self.shuffle_buffer,
-                             on_missing_embedding=self.on_missing_embedding, sizes=shard_sizes(urls, self.cache_meta), **common)
+                             on_missing_embedding=self.on_missing_embedding, partitioned=partitioned,
+                             sizes=shard_sizes(urls, None if partitioned else self.cache_meta), **common)
 
     def check_source_fields(self, url: str) -> None:
         """Fails at setup, naming the member, when the first sample of a shard lacks what the stage needs."""
