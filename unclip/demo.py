@@ -18,8 +18,8 @@ OUT = Path("outputs")
 DEMO = OUT / "demo"
 
 # Demo-size training runs: the stage's overrides on top of conf/train.yaml.
-CLIP_RUN = ["model=clip_pretrain", "run.name=demo", "trainer.max_steps=1000", "trainer.val_check_interval=500",
-            "data.batch_size=128", "optim.optimizer.lr=1e-3", "optim.warmup_steps=50"]
+CLIP_RUN = ["model=clip_pretrain", "run.name=demo", "trainer.max_steps=600", "trainer.val_check_interval=300",
+            "data.batch_size=256", "optim.optimizer.lr=1e-3", "trainer.enable_progress_bar=false", "optim.warmup_steps=50"]
 
 PROMPTS = ["a red circle", "a large blue square", "a small yellow star in the top left", "a green triangle",
            "a purple hexagon in the center", "an orange diamond at the bottom", "a pink star", "a cyan disc"]
