@@ -522,10 +522,12 @@ class CaptionImageDataModule(pl.LightningDataModule):
         partitioned = bool(self.cache_meta) and self.cache_meta.get("layout") == "partitions"
         if self.embeddings_only and self.needs_cache:
             if partitioned:  # clip-retrieval partitions: the cache's own shards of this split, not the source's names
-                urls = [os.path.join(self.cache_dir, n) for n, s in sorted(self.cache_meta["splits"].items()) if s == split]
-                if not urls:
+                names = [n for n, s in sorted(self.cache_meta["splits"].items()) if s == split]
+                if not names:
                     raise FileNotFoundError(f"partition cache {self.cache_dir} has no {split} partitions")
-            cache_urls = [os.path.join(self.cache_dir, shard_name(u)) for u in urls]
+            else:
+                names = [shard_name(u) for u in urls]
+            cache_urls = [os.path.join(self.cache_dir, n) for n in names]
             missing = [u for u in cache_urls if not os.path.exists(u)]
             if missing:
                 raise FileNotFoundError(f"embedding cache {self.cache_dir} lacks {len(missing)} shard(s), e.g. {missing[0]}; "
