@@ -26,7 +26,14 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-bench: setup
+# dalle2-pytorch pins old libraries (open_clip_torch < 3): it lives in its own venv, used only by bench/
+PEER := bench/.venv-peer
+$(PEER)/.installed: bench/peer-requirements.txt constraints.txt
+	test -x $(PEER)/bin/python || $(PYTHON) -m venv $(PEER)
+	$(PEER)/bin/python -m pip install --quiet -c constraints.txt -r bench/peer-requirements.txt
+	touch $@
+
+bench: setup $(PEER)/.installed
 	$(PY) -m bench.run
 
 clean:

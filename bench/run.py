@@ -122,9 +122,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-vit", action="store_true", help="skip the ViT-B-32 embed benchmark")
+    parser.add_argument("--only", choices=["data", "prior"], help="run one section")
     args = parser.parse_args()
     torch.set_num_threads(2)
     rows = []
+    if args.only in (None, "prior"):
+        from bench import prior
+
+        rows += prior.rows() + prior.precision_rows()
+    if args.only == "prior":
+        return report(rows, RESULTS.with_name("results_prior.md"))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         from unclip.data.shapes import ShapesConfig, write_shapes
@@ -140,12 +147,16 @@ def main() -> None:
         if not args.skip_vit:
             rows.append(("embed: ViT-B-32 random weights, batch 64 (image + text)",
                          f"{bench_embed('ViT-B-32', shapes, 64, 128):,.1f} pairs/s", ""))
+    report(rows, RESULTS)
+
+
+def report(rows: list[tuple[str, str, str]], path: Path) -> None:
     table = ["| benchmark | result | note |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
     header = (f"# Benchmarks\n\n`make bench` on {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
               f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}.\n\n")
-    RESULTS.write_text(header + "\n".join(table) + "\n")
+    path.write_text(header + "\n".join(table) + "\n")
     print("\n".join(table))
-    print(f"\nwritten to {RESULTS}")
+    print(f"\nwritten to {path}")
 
 
 if __name__ == "__main__":

@@ -66,3 +66,22 @@ def test_bad_keys_and_missing_values_fail_with_hydras_message():
     assert "Traceback" not in unknown.stderr
     missing = run_cli("data=webdataset", "trainer.max_steps=1")
     assert missing.returncode != 0 and "missing required config value(s): data.train" in missing.stderr
+
+
+@pytest.mark.parametrize("overrides", [[], ["diffusion=linear", "sampler=ddpm"],
+                                       ["diffusion.prediction=eps", "diffusion.loss_weighting=min_snr", "sampler.steps=ddim25"]])
+def test_diffusion_prior_config_builds_its_module(overrides, tiny_clip):
+    from unclip.training import build_module
+
+    cfg = compose_train("model=diffusion_prior", *overrides)
+    module = build_module(cfg, tiny_clip)
+    assert module.diffusion.prediction == cfg.diffusion.prediction and module.sampler.kind == cfg.sampler.kind
+    assert module.net.config.text_width == tiny_clip.text_width  # the text tower decides the token width
+    assert type(module.hparams["diffusion"]) is dict  # plain containers: checkpoints load with weights_only=True
+
+
+def test_bad_diffusion_choice_is_named(tiny_clip):
+    from unclip.training import build_module
+
+    with pytest.raises(ValueError, match="diffusion.prediction"):
+        build_module(compose_train("model=diffusion_prior", "diffusion.prediction=epsilon"), tiny_clip)

@@ -44,3 +44,30 @@ def test_multirun_gives_one_directory_per_override_set(shapes_dir, tmp_path):
     assert len(runs) == 2 and all((run / "checkpoints" / "last.ckpt").exists() for run in runs)
     configs = sorted((run / ".hydra" / "overrides.yaml").read_text() for run in runs)
     assert "optim.optimizer.lr=0.0001" in configs[0] + configs[1] and "optim.optimizer.lr=0.0003" in configs[0] + configs[1]
+
+
+@pytest.mark.slow
+def test_diffusion_prior_trains_from_the_cache_and_resumes_with_its_ema(shapes_dir, embed_cfg, cache_dir):
+    root = Path(embed_cfg.paths.root)  # the session cache lives under this root, made with clip=unclip_tiny
+    args = common(shapes_dir, root) + ["model=diffusion_prior", "clip=unclip_tiny", "run.name=prior", "model.module.net.dim=32",
+                                       "model.module.net.depth=1", "model.module.net.heads=2", "model.module.val_pool=24",
+                                       "sampler.steps=4", "diffusion.num_timesteps=50", "trainer.val_check_interval=3"]
+    first = run_cli(*args, "trainer.max_steps=3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = root / "runs" / "shapes" / "diffusion_prior" / "prior"
+    metrics = list(csv.DictReader(open(next(run.glob("csv/version_*/metrics.csv")))))
+    keys = {k for row in metrics for k, v in row.items() if v}
+    assert {"train/loss", "val/loss", "val/prior/cos_true", "val/prior/retrieval_top1_unseen",
+            "val/baseline_zt/cos_true", "val/baseline_linear/retrieval_top1"} <= keys
+    published = torch.load(root / "artifacts" / "diffusion_prior" / "shapes.ckpt", map_location="cpu", weights_only=True)
+    assert published["hyper_parameters"]["kind"] == "diffusion_prior" and "net.out.weight" in published["state_dict"]
+    before = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    second = run_cli(*args, "trainer.max_steps=5")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from" in second.stderr + second.stdout
+    after = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert after["global_step"] == 5
+    # the EMA kept averaging where it stopped, from the restored raw weights
+    ema_state = next(v for k, v in after["callbacks"].items() if "NetEMA" in k)
+    assert ema_state["n_averaged"] == 5
+    assert not torch.equal(before["current_model_state"]["net.out.weight"], after["current_model_state"]["net.out.weight"])

@@ -26,9 +26,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from unclip.data import cache as cache_lib
+from unclip.metrics import fit_linear_map
 from unclip.data.datamodule import SkipCounter, SkipSample, decode_source_sample, image_member, resolve_shards, shard_name, shard_sizes
 
 log = logging.getLogger(__name__)
+STATS_VERSION = 2  # bump when compute_stats gains an entry: caches recompute their stats on the next embed run
 
 
 def open_rgb(data: bytes) -> Image.Image:
@@ -90,13 +92,15 @@ class ShardEmbedder:
 
 
 def compute_stats(cache_dir: Path, shards: list[str]) -> dict[str, np.ndarray]:
-    """Per-dimension mean/std of z_i and z_t and the PCA of z_i (what the AR prior tokenises), from train shards."""
+    """Per-dimension mean/std of z_i and z_t, the PCA of z_i (what the AR prior tokenises) and the
+    linear map z_t -> z_i (a baseline prior), from train shards."""
     img, txt = [], []
     for name in shards:
         table = cache_lib.read_cache_shard(str(cache_dir / name), ("img_emb", "txt_emb"))
         img.append(table["img_emb"].astype(np.float64))
         txt.append(table["txt_emb"].astype(np.float64))
     z_img, z_txt = np.concatenate(img), np.concatenate(txt)
+    linear_weight, linear_bias = fit_linear_map(z_txt, z_img)
     centred = z_img - z_img.mean(0)
     _, singular, components = np.linalg.svd(centred, full_matrices=False)
     variance = singular**2 / max(1, len(z_img) - 1)
@@ -106,6 +110,7 @@ def compute_stats(cache_dir: Path, shards: list[str]) -> dict[str, np.ndarray]:
         "pca_mean": z_img.mean(0).astype(np.float32), "pca_components": components.astype(np.float32),  # (k, D) rows
         "pca_explained_variance": variance.astype(np.float32),
         "pca_explained_ratio": (variance / variance.sum()).astype(np.float32),
+        "linear_weight": linear_weight, "linear_bias": linear_bias,  # the linear z_t -> z_i baseline prior
         "baseline_cos": np.float32(np.mean(np.sum(z_img * z_txt, -1) / (np.linalg.norm(z_img, axis=-1) * np.linalg.norm(z_txt, axis=-1)))),
     }
 
@@ -143,12 +148,14 @@ def embed(cfg: DictConfig) -> dict:
                 log.warning("%s: skipped %s", name, dict(skipped))
     elapsed = time.perf_counter() - start
     train = sorted(n for n, s in meta["splits"].items() if s == "train")
-    if pending or not (cache_dir / cache_lib.STATS_FILE).exists():
+    stale = meta.get("stats_version") != STATS_VERSION  # stats of an older release lack newer entries
+    if pending or stale or not (cache_dir / cache_lib.STATS_FILE).exists():
         if not train:
             raise ValueError(f"no train shards embedded in {cache_dir}; stats (mean/std, PCA) are fit on train only")
         stats = compute_stats(cache_dir, train)
         np.savez(cache_dir / cache_lib.STATS_FILE, **stats)
         meta["baseline_cos"] = float(stats["baseline_cos"])
+        meta["stats_version"] = STATS_VERSION
     meta["embedded"] = sum(meta["counts"].values())
     meta["skipped_total"] = sum(sum(v.values()) for v in meta["skipped"].values())
     cache_lib.write_meta(cache_dir, meta)

@@ -65,7 +65,9 @@ def build_trainer(cfg: DictConfig, directory: Path, callbacks: list | None = Non
     checkpoint = ModelCheckpoint(dirpath=str(directory / "checkpoints"), save_last=True, every_n_train_steps=every,
                                  filename="step{step:07d}", auto_insert_metric_name=False, save_top_k=1,
                                  monitor="step", mode="max")
-    callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), *(callbacks or [])]
+    # stage callbacks (e.g. the EMA of the net) come from the model config
+    stage_callbacks = [instantiate(c, _convert_="all") for c in (cfg.model.get("callbacks") or {}).values() if c]
+    callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), *stage_callbacks, *(callbacks or [])]
     return instantiate(trainer_cfg, accelerator=cfg.strategy.accelerator, devices=cfg.strategy.devices,
                        num_nodes=cfg.strategy.num_nodes, strategy=build_strategy(cfg), logger=build_logger(cfg, directory),
                        callbacks=callbacks, default_root_dir=str(directory), _convert_="all")

@@ -69,11 +69,30 @@ class UnclipModule(pl.LightningModule):
         for reason, total in self.skipped.items():
             self.log(f"data/skipped_{reason}", float(total), on_step=True, on_epoch=False, reduce_fx="sum", sync_dist=False)
 
+    def cache_meta(self) -> dict | None:
+        """The embedding cache's meta, after refusing a cache made by another CLIP than the run's; the
+        CLIP identity goes into the hyperparameters (checkpoints name their CLIP, they do not hold it)."""
+        from unclip.data import cache as cache_lib
+
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None or not getattr(datamodule, "cache_dir", None):
+            return None
+        meta = cache_lib.read_meta(datamodule.cache_dir)
+        if getattr(self, "clip", None) is not None:
+            cache_lib.check_identity(meta, self.clip.identity(), datamodule.cache_dir)
+        self.hparams["clip"] = meta.get("clip", {})
+        return meta
+
     @staticmethod
     def split_suffix(dataloader_idx: int) -> str:
         return VAL_SPLITS[dataloader_idx] if dataloader_idx < len(VAL_SPLITS) else f"_{dataloader_idx}"
 
     # ------------------------------------------------------------------------- publishing
     def publish(self, path) -> None:
-        """Writes the finished stage to ``path`` (a plain artifact other stages load); subclasses override."""
-        raise NotImplementedError(f"{type(self).__name__} does not publish an artifact")
+        """Writes the finished stage to ``path``: a weights-only Lightning checkpoint whose ``state_dict``
+        holds the EMA weights (training has ended: the net holds them) and whose hyperparameters say how
+        to rebuild it. CLIP pretraining overrides this with a plain open_clip state dict."""
+        from pathlib import Path
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.trainer.save_checkpoint(str(path), weights_only=True)

@@ -1,0 +1,84 @@
+"""Diffusion prior training throughput: ours next to dalle2-pytorch's ``DiffusionPrior`` at the same
+config (dim, depth, heads, batch, caption tokens), measured back to back in one invocation.
+
+Ours is timed through the module's real training step (``DiffusionPriorModule.loss`` + backward +
+AdamW) with cached token states, so conditioning, normalisation and the diffusion loss are included.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from unclip.modules.diffusion_prior import DiffusionPriorModule
+
+PEER_PYTHON = Path(__file__).parent / ".venv-peer" / "bin" / "python"
+PAPER_LIKE = {"dim": 512, "depth": 6, "heads": 8, "batch": 64, "tokens": 77}
+
+
+def ours(cfg: dict, steps: int = 3, repeats: int = 2) -> dict:
+    torch.manual_seed(0)
+    dim, batch, tokens = cfg["dim"], cfg["batch"], cfg["tokens"]
+    net = {"embed_dim": dim, "text_width": dim, "max_text_tokens": tokens, "dim": dim, "depth": cfg["depth"],
+           "heads": cfg["heads"], "ff_mult": 4}
+    module = DiffusionPriorModule(net, {"schedule": "cosine", "num_timesteps": 1000, "prediction": "x0"}, {"steps": 64})
+    optimizer = torch.optim.AdamW(module.net.parameters(), lr=1e-4)
+    batch_data = {"img_emb": torch.randn(batch, dim), "txt_emb": torch.randn(batch, dim),
+                  "txt_tok": torch.randn(batch, tokens, dim), "key": [str(i) for i in range(batch)]}
+    rates = []
+    for _ in range(repeats):
+        start = None
+        for step in range(steps + 1):
+            if step == 1:
+                start = time.perf_counter()
+            loss = module.loss(batch_data)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        rates.append(steps / (time.perf_counter() - start))
+    return {"steps_per_s": max(rates), "params": sum(p.numel() for p in module.net.parameters())}
+
+
+def peer(cfg: dict, steps: int = 3, repeats: int = 2) -> dict | None:
+    """dalle2-pytorch in its own venv (``make bench`` builds it); None when that venv is missing."""
+    if not PEER_PYTHON.exists():
+        return None
+    script = Path(__file__).parent / "peer_prior.py"
+    result = subprocess.run([str(PEER_PYTHON), str(script), json.dumps({**cfg, "steps": steps, "repeats": repeats})],
+                            capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def rows(cfg: dict = PAPER_LIKE) -> list[tuple[str, str, str]]:
+    label = f"dim {cfg['dim']}, depth {cfg['depth']}, batch {cfg['batch']}, {cfg['tokens']} tokens"
+    mine = ours(cfg)
+    other = peer(cfg)
+    out = [(f"diffusion prior train step, ours ({label}, fp32)", f"{mine['steps_per_s']:.3f} steps/s",
+            f"{mine['params'] / 1e6:.1f}M params")]
+    if other:
+        out.append((f"dalle2-pytorch DiffusionPrior ({label}, fp32)", f"{other['steps_per_s']:.3f} steps/s",
+                    f"{other['params'] / 1e6:.1f}M params; ours is {mine['steps_per_s'] / other['steps_per_s']:.1f}x"))
+    else:
+        out.append(("dalle2-pytorch DiffusionPrior", "not measured", "bench/.venv-peer missing: run `make bench`"))
+    return out
+
+
+def matmul_gflops(dtype: torch.dtype, m: int = 2048, k: int = 512, n: int = 2048, repeats: int = 3) -> float:
+    """GFLOP/s of one transformer-sized matmul: whether bf16 can pay off on this CPU at all."""
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * m * k * n * repeats / (time.perf_counter() - start) / 1e9
+
+
+def precision_rows() -> list[tuple[str, str, str]]:
+    fp32, bf16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16, repeats=1)
+    return [("matmul 2048x512x2048, fp32", f"{fp32:,.1f} GFLOP/s", ""),
+            ("matmul 2048x512x2048, bf16", f"{bf16:,.1f} GFLOP/s",
+             f"{bf16 / fp32:.2f}x fp32: bf16-mixed pays only on CPUs with AVX512-BF16/AMX")]

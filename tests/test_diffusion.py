@@ -1,0 +1,186 @@
+"""The diffusion core: schedule identities, parameterisations, respacing, and agreement with diffusers'
+DDPMScheduler / DDIMScheduler (the reference implementation, a test-only dependency)."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from unclip.diffusion import (GaussianDiffusion, Sampler, classifier_free_guidance, ddim_invert, ddim_sample, ddim_step,
+                              ddpm_sample, ddpm_step, dynamic_threshold, make_betas, space_timesteps)
+from unclip.diffusion.samplers import step_t
+
+DIFFUSERS_SCHEDULE = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+DIFFUSERS_PREDICTION = {"x0": "sample", "eps": "epsilon", "v": "v_prediction"}
+
+
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "cosine"])
+def test_schedule_identities(schedule):
+    d = GaussianDiffusion(make_betas(schedule, 1000))
+    abar = d.alphas_cumprod
+    assert torch.all(abar[1:] < abar[:-1]) and 0 < abar[-1] < abar[0] < 1  # monotone decreasing in (0, 1)
+    assert torch.all((d.betas > 0) & (d.betas <= 0.999))
+    # posterior variance beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t) <= beta_t, and 0 at t = 0
+    assert d.posterior_variance[0] == 0 and torch.all(d.posterior_variance <= d.betas + 1e-12)
+    # the posterior mean coefficients turn (x0, x_t) = (x0, sqrt(abar) x0) into sqrt(abar_{t-1}) x0 (no noise)
+    x0 = torch.randn(8, 4, dtype=torch.float64)
+    t = torch.randint(0, 1000, (8,))
+    x_t = d.take("alphas_cumprod", t, x0).sqrt() * x0
+    mean, _, _ = d.q_posterior(x0, x_t, t)
+    torch.testing.assert_close(mean, d.take("alphas_cumprod_prev", t, x0).sqrt() * x0)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "cosine"])
+def test_alphas_match_diffusers(schedule):
+    ours = GaussianDiffusion(make_betas(schedule, 1000)).alphas_cumprod
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_schedule=DIFFUSERS_SCHEDULE[schedule]).alphas_cumprod
+    torch.testing.assert_close(ours.float(), ref.float(), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("prediction", ["x0", "eps", "v"])
+def test_parameterisations_convert_consistently(prediction):
+    d = GaussianDiffusion(make_betas("cosine", 1000), prediction=prediction)
+    x0, noise = torch.randn(16, 8, dtype=torch.float64), torch.randn(16, 8, dtype=torch.float64)
+    t = torch.randint(0, 1000, (16,))
+    x_t = d.q_sample(x0, t, noise)
+    pred = d.predict(d.training_target(x0, noise, t), x_t, t)  # a perfect model's output
+    torch.testing.assert_close(pred.x0, x0)
+    torch.testing.assert_close(pred.eps, noise)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("prediction", ["x0", "eps", "v"])
+def test_ddpm_step_matches_diffusers(schedule, prediction):
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_schedule=DIFFUSERS_SCHEDULE[schedule], clip_sample=False,
+                        prediction_type=DIFFUSERS_PREDICTION[prediction], variance_type="fixed_small")
+    ours = GaussianDiffusion(make_betas(schedule, 1000), prediction=prediction)
+    for t in (999, 500, 37, 1, 0):
+        x, out = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+        expected = ref.step(out, t, x, generator=torch.Generator().manual_seed(t)).prev_sample
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(t))
+        got, _ = ddpm_step(ours, out, x, torch.full((4,), t), noise)
+        # diffusers keeps its tables in float32: near t = 0, 1 - abar ~ 1e-4 leaves ~3 digits (ours: float64)
+        torch.testing.assert_close(got, expected, atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("prediction", ["x0", "eps", "v"])
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_ddim_step_matches_diffusers(prediction, eta):
+    ref = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False,
+                        set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading",
+                        prediction_type=DIFFUSERS_PREDICTION[prediction])
+    ref.set_timesteps(50)
+    ours = GaussianDiffusion(make_betas("cosine", 1000), prediction=prediction).respace("ddim50")
+    assert ours.timestep_map.flip(0).tolist() == ref.timesteps.tolist()  # same visited steps
+    for i in (49, 30, 1, 0):
+        t = int(ours.timestep_map[i])
+        x, out, z = torch.randn(4, 16), torch.randn(4, 16), torch.randn(4, 16)
+        expected = ref.step(out, t, x, eta=eta, variance_noise=z).prev_sample
+        got, _ = ddim_step(ours, out, x, torch.full((4,), i), eta=eta, noise=z)
+        torch.testing.assert_close(got, expected, atol=2e-3, rtol=1e-3)
+
+
+def test_space_timesteps_specs():
+    assert space_timesteps(1000, "ddim50") == list(range(0, 1000, 20))
+    assert space_timesteps(100, "10") == space_timesteps(100, 10)
+    assert len(space_timesteps(100, 10)) == 10 and space_timesteps(100, 10)[0] == 0 and space_timesteps(100, 10)[-1] == 99
+    steps = space_timesteps(300, "10,5,2")  # sections [0,100), [100,200), [200,300)
+    assert sum(s < 100 for s in steps) == 10 and sum(100 <= s < 200 for s in steps) == 5 and sum(s >= 200 for s in steps) == 2
+    assert space_timesteps(1000, [999, 0, 500]) == [0, 500, 999]
+    with pytest.raises(ValueError, match="section"):
+        space_timesteps(10, "20")
+
+
+def test_respacing_keeps_alpha_bar():
+    d = GaussianDiffusion(make_betas("linear", 1000))
+    r = d.respace("27,5,5")
+    torch.testing.assert_close(r.alphas_cumprod, d.alphas_cumprod[r.timestep_map])
+    assert r.respace(5).timestep_map.tolist() == r.timestep_map[space_timesteps(len(r.timestep_map), 5)].tolist()
+
+
+class GaussianData:
+    """Data x0 ~ N(mu, s^2 I): the exact eps-prediction is known in closed form, a toy 'trained model'."""
+
+    def __init__(self, diffusion, mu=0.7, s=0.3):
+        self.d, self.mu, self.s = diffusion, mu, s
+
+    def __call__(self, x, t):
+        abar = self.d.alphas_cumprod.float()[t].view(-1, *([1] * (x.dim() - 1)))
+        var = abar * self.s ** 2 + 1 - abar
+        x0 = self.mu + self.s ** 2 * abar.sqrt() / var * (x - abar.sqrt() * self.mu)
+        return (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+
+
+def test_ddim_eta0_is_deterministic_and_inverts():
+    d = GaussianDiffusion(make_betas("cosine", 1000), prediction="eps")
+    model = GaussianData(d)
+    process = d.respace(200)
+    x_T = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    a = ddim_sample(model, process, x_T, generator=torch.Generator().manual_seed(1))
+    b = ddim_sample(model, process, x_T, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(a, b)  # eta = 0: the noise generator plays no part
+    assert abs(a.mean() - 0.7) < 0.1 and abs(a.std() - 0.3) < 0.1  # it samples the data distribution
+    x0 = 0.7 + 0.3 * torch.randn(64, 4, generator=torch.Generator().manual_seed(3))
+    round_trip = ddim_sample(model, process, ddim_invert(model, process, x0))
+    assert (round_trip - x0).abs().max() < 2e-2
+
+
+def test_ddpm_sampler_reaches_the_data_distribution():
+    d = GaussianDiffusion(make_betas("linear", 1000), prediction="eps")
+    x = ddpm_sample(GaussianData(d), d.respace(100), torch.randn(2000, 2, generator=torch.Generator().manual_seed(0)),
+                    generator=torch.Generator().manual_seed(1))
+    assert abs(x.mean() - 0.7) < 0.05 and abs(x.std() - 0.3) < 0.05
+
+
+def test_sampler_config_respaces_and_selects_loop():
+    d = GaussianDiffusion(make_betas("cosine", 1000), prediction="eps")
+    calls = []
+
+    def model(x, t):
+        calls.append(int(t[0]))
+        return GaussianData(d)(x, t)
+
+    Sampler(kind="ddim", steps=8)(model, d, torch.randn(4, 2))
+    assert calls == sorted(space_timesteps(1000, 8), reverse=True)
+    with pytest.raises(ValueError, match="sampler.kind"):
+        Sampler(kind="euler")
+
+
+def test_classifier_free_guidance_math():
+    def paired(x, t):  # conditional half returns 3, unconditional half returns 1
+        half = x.shape[0] // 2
+        return torch.cat([torch.full_like(x[:half], 3.0), torch.full_like(x[half:], 1.0)])
+
+    x, t = torch.zeros(5, 2), torch.zeros(5, dtype=torch.long)
+    torch.testing.assert_close(classifier_free_guidance(paired, 1.0)(x, t), torch.full((5, 2), 3.0))
+    torch.testing.assert_close(classifier_free_guidance(paired, 4.0)(x, t), torch.full((5, 2), 1 + 4 * 2.0))
+    torch.testing.assert_close(classifier_free_guidance(paired, 0.0)(x, t), torch.full((5, 2), 1.0))
+    # a learned variance (second half of the channels) is taken from the conditional model, not guided
+    guided = classifier_free_guidance(paired, 4.0, learned_variance=True)(x, t)
+    torch.testing.assert_close(guided, torch.tensor([[9.0, 3.0]]).expand(5, 2))
+
+
+def test_dynamic_threshold_and_clipping():
+    x0 = torch.tensor([[0.5, -0.5, 0.2, 0.1], [4.0, -2.0, 1.0, 0.5]])
+    out = dynamic_threshold(1.0)(x0)
+    torch.testing.assert_close(out[0], x0[0])  # within [-1, 1]: untouched
+    assert out[1].abs().max() == 1.0 and out[1, 0] == 1.0 and out[1, 1] == -0.5
+    assert Sampler(clip_denoised=True).denoise_fn()(x0).abs().max() == 1.0
+
+
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large", "learned_range"])
+def test_training_loss_and_variances(variance):
+    d = GaussianDiffusion(make_betas("linear", 100), prediction="eps", variance=variance, loss_weighting="min_snr")
+    x0 = torch.rand(6, 3, 4, 4) * 2 - 1
+    noise = torch.randn_like(x0)
+    t = torch.tensor([0, 1, 10, 50, 98, 99])
+    x_t = d.q_sample(x0, t, noise)
+    channels = 6 if variance == "learned_range" else 3
+    output = torch.randn(6, channels, 4, 4, requires_grad=True)
+    loss = d.training_loss(output, x0, x_t, t, noise)
+    assert loss.shape == (6,) and torch.isfinite(loss).all()
+    loss.sum().backward()
+    assert torch.isfinite(output.grad).all()
+    var, log_var = d.p_variance(t, x0, output[:, 3:].detach().tanh() if variance == "learned_range" else None)
+    assert torch.all(var > 0) and torch.all(var <= d.take("betas", t, x0) + 1e-6)
+    index, mapped = step_t(d.respace(10), 9, x0)
+    assert int(mapped[0]) == 99 and int(index[0]) == 9

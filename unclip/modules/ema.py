@@ -1,0 +1,96 @@
+"""EMA of a module's ``net`` only, as a Lightning callback.
+
+Lightning's own ``EMAWeightAveraging`` averages a copy of the whole LightningModule; ours also holds a
+frozen CLIP and constant buffers (normalisation stats), which must neither be copied nor averaged. This
+callback keeps ``torch.optim.swa_utils.AveragedModel(pl_module.net)`` and follows the checkpoint
+contract: the checkpoint's ``state_dict`` holds the EMA net (what ``unclip.load`` returns), the raw
+training weights sit beside it under ``current_model_state`` for resuming. Validation and the end of fit
+use the EMA weights.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+
+class NetEMA(Callback):
+    def __init__(self, decay: float = 0.999, update_every_n_steps: int = 1, start_step: int = 0):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema decay must lie in (0, 1), got {decay}")
+        self.decay, self.update_every_n_steps, self.start_step = decay, update_every_n_steps, start_step
+        self.average: AveragedModel | None = None
+        self.swapped = False
+        self._last_update_step = 0
+        self._restored_n_averaged: int | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.average is None:
+            self.average = AveragedModel(pl_module.net, multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step  # optimiser steps so far
+        if step > self._last_update_step and step > self.start_step and (step - 1) % self.update_every_n_steps == 0:
+            self.average.update_parameters(pl_module.net)
+            self._last_update_step = step
+
+    # ---------------------------------------------------------------------------------- swapping
+    def _pairs(self, pl_module):
+        averaged = itertools.chain(self.average.module.parameters(), self.average.module.buffers())
+        current = itertools.chain(pl_module.net.parameters(), pl_module.net.buffers())
+        return zip(averaged, current)
+
+    @torch.no_grad()
+    def swap(self, pl_module) -> None:
+        for averaged, current in self._pairs(pl_module):
+            tmp = averaged.data.clone()
+            averaged.data.copy_(current.data)
+            current.data.copy_(tmp)
+        self.swapped = not self.swapped
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        if self.average is not None and not self.swapped:
+            self.swap(pl_module)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self.swapped:
+            self.swap(pl_module)
+
+    @torch.no_grad()
+    def on_train_end(self, trainer, pl_module) -> None:
+        for averaged, current in self._pairs(pl_module):
+            current.data.copy_(averaged.data)
+
+    # ------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if self.average is None:
+            return
+        state = checkpoint["state_dict"]
+        ema = {f"net.{k}": v.detach().clone() for k, v in self.average.module.state_dict().items()}
+        if self.swapped:  # saved during validation: the module holds the EMA weights, the average the raw ones
+            state, ema = {**state, **ema}, {k: state[k] for k in ema}
+        checkpoint["current_model_state"] = state
+        checkpoint["state_dict"] = {**state, **ema}
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if "current_model_state" not in checkpoint or self.average is None:
+            return
+        ema = {k[len("net."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+        self.average.module.load_state_dict(ema)
+        pl_module.load_state_dict(checkpoint["current_model_state"])
+        if self._restored_n_averaged is not None:
+            self.average.n_averaged.fill_(self._restored_n_averaged)
+
+    def state_dict(self) -> dict:
+        n = int(self.average.n_averaged) if self.average is not None else 0
+        return {"n_averaged": n, "last_update_step": self._last_update_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._last_update_step = int(state.get("last_update_step", 0))
+        self._restored_n_averaged = int(state.get("n_averaged", 0))
+        if self.average is not None:
+            self.average.n_averaged.fill_(self._restored_n_averaged)

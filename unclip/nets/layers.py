@@ -1,0 +1,63 @@
+"""Small building blocks shared by the nets: timestep embedding and a pre-LN transformer block with an
+optional key/value cache."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (training) timesteps, (B,) -> (B, dim) (Transformer positions, as in DDPM)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, past: tuple | None = None):
+        """x: (B, S, C); mask: bool (B, 1, S, S_past + S), True = may attend; past: cached (k, v)."""
+        b, s, c = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(b, s, c)), (k, v)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block (GPT-2 / nanoGPT)."""
+
+    def __init__(self, dim: int, heads: int, ff_mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, heads, dropout)
+        self.mlp = nn.Sequential(nn.Linear(dim, ff_mult * dim), nn.GELU(), nn.Linear(ff_mult * dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, past: tuple | None = None):
+        y, kv = self.attn(self.ln1(x), mask, past)
+        x = x + y
+        return x + self.mlp(self.ln2(x)), kv
+
+
+def causal_mask(key_valid: torch.Tensor, queries: int) -> torch.Tensor:
+    """Bool (B, 1, Q, K) mask for the last ``queries`` of K positions: causal, and keys with
+    ``key_valid`` False hidden, except that a position always sees itself (so no row is empty)."""
+    b, k = key_valid.shape
+    q_pos = torch.arange(k - queries, k, device=key_valid.device)[:, None]
+    k_pos = torch.arange(k, device=key_valid.device)[None, :]
+    allowed = (k_pos <= q_pos)[None] & (key_valid[:, None, :] | (k_pos == q_pos)[None])
+    return allowed[:, None]

@@ -1,0 +1,200 @@
+"""The decoder's UNet (ADM / GLIDE style, as unCLIP §2.1 builds on GLIDE). Plain torch.
+
+Residual blocks take the timestep embedding (plus the projected z_i) as a scale-shift of their second
+GroupNorm; attention blocks at chosen resolutions attend over the pixels *and* the context tokens: z_i
+projected into ``context_tokens`` (4, unCLIP §2.1) extra tokens, optionally followed by the caption's
+token states. ``lowres_channels`` > 0 makes it an upsampler: a low-resolution image, upsampled to the
+output size, is concatenated to the input channels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from unclip.nets.layers import timestep_embedding
+
+
+@dataclass
+class UNetConfig:
+    image_size: int = 64
+    in_channels: int = 3
+    out_channels: int = 3
+    channels: int = 64                        # width at full resolution
+    channel_mult: list = field(default_factory=lambda: [1, 2, 3, 4])
+    num_res_blocks: int = 2
+    attention_resolutions: list = field(default_factory=lambda: [32, 16, 8])  # in pixels
+    head_channels: int = 32
+    dropout: float = 0.0
+    embed_dim: int = 512                      # z_i dimension; 0 = unconditional (e.g. an upsampler without z_i)
+    context_tokens: int = 4                   # unCLIP: z_i becomes 4 extra context tokens
+    text_width: int = 0                       # caption token states (0 = no text tokens)
+    learn_sigma: bool = False                 # twice the output channels (IDDPM learned range)
+    lowres_channels: int = 0                  # upsamplers: channels of the conditioning low-res image
+    groups: int = 32
+
+
+def norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(groups, channels), channels)  # the most groups <= ``groups`` that divide evenly
+
+
+def zero(module: nn.Module) -> nn.Module:
+    """Zero-initialised output layers: every residual branch starts as the identity (ADM)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float, groups: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(norm(cin, groups), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
+        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * cout))
+        self.out_norm = norm(cout, groups)
+        self.out_layers = nn.Sequential(nn.SiLU(), nn.Dropout(dropout), zero(nn.Conv2d(cout, cout, 3, padding=1)))
+        self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
+        h = self.out_layers(self.out_norm(h) * (1 + scale) + shift)  # ADM scale-shift norm
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over pixels whose keys/values also include the context tokens (GLIDE)."""
+
+    def __init__(self, channels: int, head_channels: int, context_dim: int, groups: int):
+        super().__init__()
+        self.heads = max(1, channels // head_channels)
+        self.norm = norm(channels, groups)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.context_kv = nn.Linear(context_dim, 2 * channels) if context_dim else None
+        self.proj = zero(nn.Conv1d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None, context_valid: torch.Tensor | None) -> torch.Tensor:
+        b, c, hgt, wid = x.shape
+        heads, d = self.heads, c // self.heads
+        q, k, v = self.qkv(self.norm(x).flatten(2)).view(b, 3, heads, d, hgt * wid).transpose(3, 4).unbind(1)
+        mask = None
+        if context is not None and self.context_kv is not None:
+            ck, cv = self.context_kv(context).view(b, -1, 2, heads, d).permute(2, 0, 3, 1, 4)
+            k, v = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
+            pixels = torch.ones(b, hgt * wid, dtype=torch.bool, device=x.device)
+            mask = torch.cat([context_valid, pixels], dim=1)[:, None, None, :]  # (B, 1, 1, Lc + HW)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, HW, d)
+        return x + self.proj(y.transpose(2, 3).reshape(b, c, hgt * wid)).view(b, c, hgt, wid)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class Stage(nn.Module):
+    """One UNet level's block: a ResBlock, then attention when this resolution has it."""
+
+    def __init__(self, cin, cout, emb_dim, dropout, groups, attend: bool, head_channels, context_dim):
+        super().__init__()
+        self.res = ResBlock(cin, cout, emb_dim, dropout, groups)
+        self.attn = AttentionBlock(cout, head_channels, context_dim, groups) if attend else None
+
+    def forward(self, x, emb, context, context_valid):
+        x = self.res(x, emb)
+        return self.attn(x, context, context_valid) if self.attn is not None else x
+
+
+class UNet(nn.Module):
+    def __init__(self, config: UNetConfig | dict):
+        super().__init__()
+        self.config = c = config if isinstance(config, UNetConfig) else UNetConfig(**config)
+        ch, emb_dim = c.channels, 4 * c.channels
+        context_dim = ch * max(c.channel_mult) if (c.embed_dim or c.text_width) else 0
+        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if c.embed_dim:
+            self.image_embed_to_time = nn.Linear(c.embed_dim, emb_dim)                      # unCLIP §2.1: added to t
+            self.image_embed_to_tokens = nn.Linear(c.embed_dim, c.context_tokens * context_dim)  # 4 extra tokens
+            self.null_image_embed = nn.Parameter(torch.zeros(c.embed_dim))                 # CFG: z_i dropped
+        self.text_proj = nn.Linear(c.text_width, context_dim) if c.text_width else None
+        self.context_norm = nn.LayerNorm(context_dim) if context_dim else None
+
+        self.input = nn.Conv2d(c.in_channels + c.lowres_channels, ch, 3, padding=1)
+        self.down, skips, resolution, cur = nn.ModuleList(), [ch], c.image_size, ch
+        for level, mult in enumerate(c.channel_mult):
+            for _ in range(c.num_res_blocks):
+                self.down.append(Stage(cur, ch * mult, emb_dim, c.dropout, c.groups, resolution in c.attention_resolutions,
+                                       c.head_channels, context_dim))
+                cur = ch * mult
+                skips.append(cur)
+            if level < len(c.channel_mult) - 1:
+                self.down.append(Downsample(cur))
+                skips.append(cur)
+                resolution //= 2
+        self.middle = nn.ModuleList([Stage(cur, cur, emb_dim, c.dropout, c.groups, True, c.head_channels, context_dim),
+                                     Stage(cur, cur, emb_dim, c.dropout, c.groups, False, c.head_channels, context_dim)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            for i in range(c.num_res_blocks + 1):
+                self.up.append(Stage(cur + skips.pop(), ch * mult, emb_dim, c.dropout, c.groups,
+                                     resolution in c.attention_resolutions, c.head_channels, context_dim))
+                cur = ch * mult
+                if level > 0 and i == c.num_res_blocks:
+                    self.up.append(Upsample(cur))
+                    resolution *= 2
+        out_channels = c.out_channels * (2 if c.learn_sigma else 1)
+        self.out = nn.Sequential(norm(cur, c.groups), nn.SiLU(), zero(nn.Conv2d(cur, out_channels, 3, padding=1)))
+
+    def hparams(self) -> dict:
+        return asdict(self.config)
+
+    def conditioning(self, t, z_img, tokens, mask, drop_image, drop_text):
+        """(embedding added in every ResBlock, context tokens, which context tokens are visible)."""
+        emb = self.time_mlp(timestep_embedding(t, self.config.channels))
+        if not self.config.embed_dim:
+            return emb, None, None
+        b = len(t)
+        if drop_image is not None:
+            z_img = torch.where(drop_image[:, None], self.null_image_embed.to(z_img.dtype), z_img)
+        emb = emb + self.image_embed_to_time(z_img)
+        context = self.image_embed_to_tokens(z_img).view(b, self.config.context_tokens, -1)
+        valid = torch.ones(b, self.config.context_tokens, dtype=torch.bool, device=t.device)
+        if self.text_proj is not None and tokens is not None:
+            text_valid = mask.bool() if drop_text is None else mask.bool() & ~drop_text[:, None]
+            context = torch.cat([context, self.text_proj(tokens)], dim=1)
+            valid = torch.cat([valid, text_valid], dim=1)
+        return emb, self.context_norm(context), valid
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, z_img: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, drop_image: torch.Tensor | None = None, drop_text: torch.Tensor | None = None,
+                lowres: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, H, W) noisy image; t: (B,) training steps; z_img: (B, D) scaled CLIP image embedding;
+        tokens: (B, L, W) caption token states with mask (B, L); drop_*: (B,) bool, condition dropped (CFG);
+        lowres: (B, C, H, W) the upsampled low-resolution image (upsamplers)."""
+        emb, context, valid = self.conditioning(t, z_img, tokens, mask, drop_image, drop_text)
+        h = self.input(torch.cat([x, lowres], dim=1) if self.config.lowres_channels else x)
+        hs = [h]
+        for layer in self.down:
+            h = layer(h, emb, context, valid) if isinstance(layer, Stage) else layer(h)
+            hs.append(h)
+        for layer in self.middle:
+            h = layer(h, emb, context, valid)
+        for layer in self.up:
+            h = layer(torch.cat([h, hs.pop()], dim=1), emb, context, valid) if isinstance(layer, Stage) else layer(h)
+        return self.out(h)
