@@ -122,7 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-vit", action="store_true", help="skip the ViT-B-32 embed benchmark")
-    parser.add_argument("--only", choices=["data", "prior"], help="run one section")
+    parser.add_argument("--only", choices=["data", "prior", "decoder"], help="run one section")
     args = parser.parse_args()
     torch.set_num_threads(2)
     rows = []
@@ -130,8 +130,12 @@ def main() -> None:
         from bench import prior
 
         rows += prior.rows() + prior.precision_rows()
-    if args.only == "prior":
-        return report(rows, RESULTS.with_name("results_prior.md"))
+    if args.only in (None, "decoder"):
+        from bench import decoder
+
+        rows += decoder.rows()
+    if args.only in ("prior", "decoder"):
+        return report(rows, RESULTS.with_name(f"results_{args.only}.md"))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         from unclip.data.shapes import ShapesConfig, write_shapes

@@ -71,3 +71,23 @@ def test_diffusion_prior_trains_from_the_cache_and_resumes_with_its_ema(shapes_d
     ema_state = next(v for k, v in after["callbacks"].items() if "NetEMA" in k)
     assert ema_state["n_averaged"] == 5
     assert not torch.equal(before["current_model_state"]["net.out.weight"], after["current_model_state"]["net.out.weight"])
+
+
+@pytest.mark.slow
+def test_ar_prior_trains_from_the_cache_and_reports_its_tokenisation(shapes_dir, embed_cfg, cache_dir):
+    root = Path(embed_cfg.paths.root)
+    args = common(shapes_dir, root) + ["model=ar_prior", "clip=unclip_tiny", "run.name=ar", "model.module.net.dim=32",
+                                       "model.module.net.depth=1", "model.module.net.heads=2", "model.module.val_pool=24",
+                                       "model.module.tokenizer.components=8", "model.module.tokenizer.bins=16",
+                                       "trainer.val_check_interval=3", "trainer.max_steps=3"]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = root / "runs" / "shapes" / "ar_prior" / "ar"
+    metrics = list(csv.DictReader(open(next(run.glob("csv/version_*/metrics.csv")))))
+    keys = {k for row in metrics for k, v in row.items() if v}
+    assert {"train/loss", "val/prior/cos_true", "val/prior/retrieval_top1_unseen", "val/baseline_linear/cos_true",
+            "val/ar_prior/roundtrip_cos", "val/ar_prior/explained_variance"} <= keys
+    published = torch.load(root / "artifacts" / "ar_prior" / "shapes.ckpt", map_location="cpu", weights_only=True)
+    state = published["state_dict"]
+    assert published["hyper_parameters"]["kind"] == "ar_prior" and state["tokenizer.basis"].shape == (8, 128)
+    assert float(state["tokenizer.explained"]) > 0 and state["tokenizer.centres"].abs().sum() > 0

@@ -1,0 +1,68 @@
+"""Decoder training throughput at 64 px, batch 8: ours next to dalle2-pytorch's ``Unet`` + ``Decoder`` at
+the closest matching config, measured back to back. Ours runs the module's real training step
+(``DecoderModule.loss`` + backward + AdamW)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from unclip.modules.decoder import DecoderModule
+
+PEER_PYTHON = Path(__file__).parent / ".venv-peer" / "bin" / "python"
+CONFIG = {"size": 64, "batch": 8, "dim": 64, "mults": [1, 2, 3, 4], "embed_dim": 512}
+
+
+class NoCLIP:
+    """The decoder's training step never calls CLIP without text conditioning; only its widths are read."""
+
+    text_width = 512
+
+
+def ours(cfg: dict, steps: int = 3, repeats: int = 2) -> dict:
+    torch.manual_seed(0)
+    size = cfg["size"]
+    attention = [size >> level for level in range(1, len(cfg["mults"]))]
+    net = {"image_size": size, "channels": cfg["dim"], "channel_mult": cfg["mults"], "num_res_blocks": 2,
+           "attention_resolutions": attention, "head_channels": 32, "embed_dim": cfg["embed_dim"]}
+    module = DecoderModule(net, {"schedule": "cosine", "prediction": "eps"}, {"steps": 50}, clip=NoCLIP())
+    optimizer = torch.optim.AdamW(module.net.parameters(), lr=1e-4)
+    batch = {"image": torch.rand(cfg["batch"], 3, size, size) * 2 - 1, "img_emb": torch.randn(cfg["batch"], cfg["embed_dim"]),
+             "caption": [""] * cfg["batch"]}
+    rates = []
+    for _ in range(repeats):
+        start = None
+        for step in range(steps + 1):
+            if step == 1:
+                start = time.perf_counter()
+            loss = module.loss(batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        rates.append(steps / (time.perf_counter() - start))
+    return {"steps_per_s": max(rates), "params": sum(p.numel() for p in module.net.parameters())}
+
+
+def peer(cfg: dict, steps: int = 3, repeats: int = 2) -> dict | None:
+    if not PEER_PYTHON.exists():
+        return None
+    script = Path(__file__).parent / "peer_decoder.py"
+    result = subprocess.run([str(PEER_PYTHON), str(script), json.dumps({**cfg, "steps": steps, "repeats": repeats})],
+                            capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def rows(cfg: dict = CONFIG) -> list[tuple[str, str, str]]:
+    label = f"{cfg['size']} px, batch {cfg['batch']}, width {cfg['dim']}, mults {cfg['mults']}"
+    mine, other = ours(cfg), peer(cfg)
+    out = [(f"decoder train step, ours ({label}, fp32)", f"{mine['steps_per_s']:.3f} steps/s", f"{mine['params'] / 1e6:.1f}M params")]
+    if other:
+        out.append((f"dalle2-pytorch Unet + Decoder ({label}, fp32)", f"{other['steps_per_s']:.3f} steps/s",
+                    f"{other['params'] / 1e6:.1f}M params; ours is {mine['steps_per_s'] / other['steps_per_s']:.2f}x"))
+    else:
+        out.append(("dalle2-pytorch Unet + Decoder", "not measured", "bench/.venv-peer missing: run `make bench`"))
+    return out

@@ -1,0 +1,141 @@
+"""The decoder: UNet shapes, z_i conditioning, CFG dropout rates, overfitting, DDIM decoding, the CLI run."""
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from test_train_cli import common, run_cli
+from unclip.modules.decoder import DecoderModule
+from unclip.nets.unet import UNet
+
+DIFFUSION = dict(schedule="cosine", num_timesteps=100, prediction="eps")
+SAMPLER = dict(kind="ddim", steps=5, clip_denoised=True)
+
+
+def tiny_unet_config(**kw):
+    return {**dict(image_size=16, channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[8],
+                   head_channels=16, embed_dim=128, groups=8), **kw}
+
+
+def randomise_zero_layers(net: nn.Module) -> nn.Module:
+    """Output layers start at zero (every branch the identity); tests that probe inputs need them live."""
+    torch.manual_seed(0)
+    for p in net.parameters():
+        if torch.all(p == 0):
+            nn.init.normal_(p, std=0.05)
+    return net
+
+
+@pytest.mark.parametrize("config", [
+    dict(image_size=16, channel_mult=[1, 2]),
+    dict(image_size=32, channel_mult=[1, 2, 2], attention_resolutions=[16, 8]),
+    dict(image_size=32, channel_mult=[1, 1, 2, 3], num_res_blocks=2, learn_sigma=True),
+    dict(image_size=16, channel_mult=[1, 2], text_width=24),
+    dict(image_size=16, channel_mult=[1, 2], embed_dim=0, lowres_channels=3),
+])
+def test_unet_shapes(config):
+    net = UNet(tiny_unet_config(**config))
+    b, s = 2, config["image_size"]
+    x, t = torch.randn(b, 3, s, s), torch.randint(0, 1000, (b,))
+    z = torch.randn(b, 128) if config.get("embed_dim", 128) else None
+    tokens = torch.randn(b, 5, 24) if config.get("text_width") else None
+    mask = torch.ones(b, 5, dtype=torch.bool) if tokens is not None else None
+    lowres = torch.randn(b, 3, s, s) if config.get("lowres_channels") else None
+    out = net(x, t, z, tokens, mask, lowres=lowres)
+    assert out.shape == (b, 6 if config.get("learn_sigma") else 3, s, s)
+
+
+def test_image_embedding_and_caption_change_the_prediction():
+    net = randomise_zero_layers(UNet(tiny_unet_config(text_width=24))).eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 500])
+    z, tokens, mask = torch.randn(2, 128), torch.randn(2, 5, 24), torch.ones(2, 5, dtype=torch.bool)
+    base = net(x, t, z, tokens, mask)
+    assert not torch.allclose(base, net(x, t, torch.zeros_like(z), tokens, mask), atol=1e-4)  # zeroing z_i changes eps
+    assert not torch.allclose(base, net(x, t, z, torch.randn_like(tokens), mask), atol=1e-4)
+    dropped = torch.ones(2, dtype=torch.bool)
+    # dropped conditions are invisible: any z_i / caption gives the same unconditional prediction
+    torch.testing.assert_close(net(x, t, z, tokens, mask, dropped, dropped),
+                               net(x, t, torch.randn_like(z), torch.randn_like(tokens), mask, dropped, dropped))
+
+
+class RecordingNet(nn.Module):
+    """Stands in for the UNet to see which conditions the training step drops."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t, z, tokens, mask, drop_image, drop_text):
+        self.drops = (drop_image, drop_text)
+        return x * self.weight
+
+
+def test_condition_dropout_rates(tiny_clip):
+    module = DecoderModule(tiny_unet_config(), DIFFUSION, SAMPLER, clip=tiny_clip, text_cond=True)
+    module.net = RecordingNet(module.net.config)
+    n = 4000
+    batch = {"image": torch.zeros(n, 3, 4, 4), "img_emb": torch.randn(n, 128), "caption": ["a red circle"] * n}
+    torch.manual_seed(0)
+    module.train()
+    module.loss(batch)
+    drop_image, drop_text = module.net.drops
+    assert abs(drop_image.float().mean().item() - 0.1) < 0.02 and abs(drop_text.float().mean().item() - 0.5) < 0.03
+    module.eval()
+    module.loss(batch)
+    assert not module.net.drops[0].any() and not module.net.drops[1].any()  # validation keeps every condition
+
+
+def test_tiny_decoder_overfits_a_few_images(tiny_clip):
+    torch.manual_seed(0)
+    module = DecoderModule(tiny_unet_config(), DIFFUSION, SAMPLER, clip=tiny_clip, image_drop_prob=0.0)
+    images = torch.zeros(4, 3, 16, 16)
+    for i, (r, g, b) in enumerate([(1, -1, -1), (-1, 1, -1), (-1, -1, 1), (1, 1, -1)]):
+        images[i, :, 4 + i: 10 + i, 4:12] = torch.tensor([r, g, b], dtype=torch.float)[:, None, None]
+    batch = {"image": images, "img_emb": torch.randn(4, 128), "caption": [""] * 4}
+    optimizer = torch.optim.Adam(module.net.parameters(), lr=2e-3)
+
+    def fixed_loss():
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            return module.loss(batch).item()
+
+    before = fixed_loss()
+    for _ in range(150):
+        loss = module.loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert fixed_loss() < 0.3 * before
+
+
+def test_ddim_decoding_runs_with_guidance_and_is_seeded(tiny_clip):
+    module = DecoderModule(tiny_unet_config(), DIFFUSION, SAMPLER, clip=tiny_clip)
+    randomise_zero_layers(module.net).eval()
+    z = torch.nn.functional.normalize(torch.randn(3, 128), dim=-1)
+    a = module.sample(z, generator=torch.Generator().manual_seed(0), guidance_scale=3.0)
+    b = module.sample(z, generator=torch.Generator().manual_seed(0), guidance_scale=3.0)
+    assert a.shape == (3, 3, 16, 16) and a.min() >= -1 and a.max() <= 1
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, module.sample(z, generator=torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.slow
+def test_decoder_trains_from_image_shards_and_logs_grids(shapes_dir, embed_cfg, cache_dir):
+    root = Path(embed_cfg.paths.root)
+    args = common(shapes_dir, root) + ["model=decoder", "clip=unclip_tiny", "run.name=dec", "model.image_size=16",
+                                       "model.module.net.channels=16", "model.module.net.channel_mult=[1,2]",
+                                       "model.module.val_images=4", "sampler.steps=3", "diffusion.num_timesteps=50",
+                                       "trainer.max_steps=2", "trainer.limit_val_batches=1", "data.batch_size=4"]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = root / "runs" / "shapes" / "decoder" / "dec"
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["val_step0000002.png", "val_unseen_step0000002.png"]
+    metrics = list(csv.DictReader(open(next(run.glob("csv/version_*/metrics.csv")))))
+    keys = {k for row in metrics for k, v in row.items() if v}
+    assert {"val/decoder/clip_sim", "val/decoder/clip_sim_real", "val/decoder/clip_sim_unseen", "val/loss"} <= keys
+    published = torch.load(root / "artifacts" / "decoder" / "shapes.ckpt", map_location="cpu", weights_only=True)
+    assert published["hyper_parameters"]["kind"] == "decoder" and published["hyper_parameters"]["net"]["image_size"] == 16
