@@ -1,0 +1,154 @@
+"""One evaluation protocol for every prior: the same val pairs, the same seeds, the same metric names as
+validation (``val/prior/*``), several sampling settings per prior, and the two baseline rows.
+
+    python -m unclip.evaluate mode=prior prior=diffusion
+    python -m unclip.evaluate mode=compare priors=[diffusion,ar]   # or checkpoint paths
+
+Writes ``results.csv``, ``results.md`` and ``cost.png`` (cos_true against seconds per 1,000 samples) to
+``out`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from unclip.data import cache as cache_lib
+from unclip.data.datamodule import hash_seed
+from unclip.loading import load
+from unclip.metrics import baseline_predictions, prior_metrics
+
+log = logging.getLogger(__name__)
+SPLITS = {"val": "", "val_unseen": "_unseen"}
+COLUMNS = ("cos_true", "cos_text", "cos_unrelated", "cos_text_minus_baseline", "retrieval_top1")
+
+
+def val_pool(datamodule, pool: int) -> dict[str, list[dict]]:
+    """The first ``pool`` rows of each val split, as batches (exact mode: always the same rows)."""
+    datamodule.setup()
+    out = {}
+    for split in SPLITS:
+        if split not in datamodule.datasets:
+            continue
+        batches, rows = [], 0
+        for batch in datamodule.loader(split):
+            batches.append(head(batch, pool - rows))
+            rows += len(batches[-1]["key"])
+            if rows >= pool:
+                break
+        out[split] = batches
+    return out
+
+
+def head(batch: dict, n: int) -> dict:
+    """The first ``n`` rows of a batch (tensors and lists alike)."""
+    return {k: (v[:n] if isinstance(v, (torch.Tensor, list)) else v) for k, v in batch.items()}
+
+
+def evaluate_prior(module, pools: dict, seed: int, settings: dict) -> dict:
+    """Metrics per split for one prior at one sampling setting, plus seconds per 1,000 samples."""
+    row, elapsed, count = {}, 0.0, 0
+    for split, batches in pools.items():
+        preds, imgs, txts = [], [], []
+        for index, batch in enumerate(batches):
+            cond = module.condition(batch)
+            generator = torch.Generator(device=module.device).manual_seed(hash_seed(seed, split, index))
+            start = time.perf_counter()
+            preds.append(module.sample(cond, generator, **settings).float())
+            elapsed += time.perf_counter() - start
+            count += len(batch["key"])
+            imgs.append(batch["img_emb"].float())
+            txts.append(batch["txt_emb"].float())
+        metrics = prior_metrics(torch.cat(preds), torch.cat(imgs), torch.cat(txts))
+        row.update({f"{k}{SPLITS[split]}": v for k, v in metrics.items()})
+    row["s_per_1k"] = 1000 * elapsed / max(count, 1)
+    return row
+
+
+def baseline_rows(pools: dict, cache_dir: str) -> list[dict]:
+    stats = cache_lib.load_stats(cache_dir)
+    weight, bias = torch.as_tensor(stats["linear_weight"]), torch.as_tensor(stats["linear_bias"])
+    rows = {name: {"prior": name, "settings": "-", "s_per_1k": 0.0} for name in ("baseline_zt", "baseline_linear")}
+    for split, batches in pools.items():
+        z_img = torch.cat([b["img_emb"].float() for b in batches])
+        z_txt = torch.cat([b["txt_emb"].float() for b in batches])
+        for name, pred in baseline_predictions(z_txt, weight, bias).items():
+            rows[name].update({f"{k}{SPLITS[split]}": v for k, v in prior_metrics(pred, z_img, z_txt).items()})
+    return list(rows.values())
+
+
+def run(cfg: DictConfig) -> list[dict]:
+    torch.set_grad_enabled(False)
+    torch.manual_seed(int(cfg.seed))  # as train.py does before building the CLIP (random-weight CLIPs match too)
+    clip = instantiate(cfg.clip, _convert_="all")  # the run's CLIP; load() refuses a prior trained with another
+    specs = [cfg.prior] if cfg.mode == "prior" else list(cfg.priors)
+    if cfg.mode not in ("prior", "compare"):
+        raise ValueError(f"evaluate mode must be 'prior' or 'compare', got {cfg.mode!r}")
+    datamodule = instantiate(cfg.data, _convert_="all", train=cfg.data.val, batch_size=cfg.data.val_batch_size)
+    pools = val_pool(datamodule, int(cfg.pool))
+    rows = baseline_rows(pools, cfg.data.cache_dir)
+    settings = OmegaConf.to_container(cfg.settings, resolve=True)
+    for spec in specs:
+        module = load(spec, clip=clip, artifacts=cfg.paths.artifacts)
+        for setting in settings.get(module.kind, [{}]):
+            log.info("%s %s", spec, setting)
+            row = evaluate_prior(module, pools, int(cfg.seed), setting)
+            rows.append({"prior": module.kind, "settings": " ".join(f"{k}={v}" for k, v in setting.items()) or "default", **row})
+    write(rows, Path(cfg.out))
+    return rows
+
+
+def write(rows: list[dict], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    keys = ["prior", "settings", "s_per_1k"] + [f"{c}{s}" for s in SPLITS.values() for c in COLUMNS]
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    def cell(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(r.get(k, "")) for k in keys) + " |" for r in rows]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(rows, out / "cost.png")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind in dict.fromkeys(r["prior"] for r in rows if not r["prior"].startswith("baseline")):
+        points = [r for r in rows if r["prior"] == kind]
+        ax.scatter([r["s_per_1k"] for r in points], [r["cos_true"] for r in points], label=kind)
+        for r in points:
+            ax.annotate(r["settings"], (r["s_per_1k"], r["cos_true"]), fontsize=6)
+    for r in rows:
+        if r["prior"].startswith("baseline"):
+            ax.axhline(r["cos_true"], linestyle="--", linewidth=1, color="grey")
+            ax.annotate(r["prior"], (0, r["cos_true"]), fontsize=7, color="grey")
+    ax.set_xlabel("seconds per 1,000 samples")
+    ax.set_ylabel("val cos(ẑ_i, z_i)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""``unclip.load``: one loader for every trained stage, used by evaluation, sampling and the pipeline.
+
+A stage is a Lightning checkpoint whose ``state_dict`` holds the EMA weights and whose hyperparameters
+are plain containers (``kind``, net, diffusion, ...), so it loads with ``weights_only=True`` and without
+Hydra. The frozen CLIP is named in the hyperparameters by its identity; it is rebuilt from there (or
+passed in) and refused when its weights differ.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+
+ALIASES = {"diffusion": "diffusion_prior", "ar": "ar_prior", "contrastive": "contrastive_prior"}
+
+
+def module_classes() -> dict:
+    from unclip.modules.ar_prior import ARPriorModule
+    from unclip.modules.decoder import DecoderModule
+    from unclip.modules.diffusion_prior import DiffusionPriorModule
+
+    return {"diffusion_prior": DiffusionPriorModule, "ar_prior": ARPriorModule, "decoder": DecoderModule}
+
+
+def resolve(spec: str | Path, artifacts: str | Path = "outputs/artifacts") -> Path:
+    """A checkpoint path, or a published stage ``KIND[/NAME]`` (``diffusion``, ``ar``, ``decoder/shapes``)."""
+    path = Path(spec)
+    if path.exists():
+        return path
+    kind, _, name = str(spec).partition("/")
+    folder = Path(artifacts) / ALIASES.get(kind, kind)
+    if name:
+        candidate = folder / f"{name}.ckpt"
+        if candidate.exists():
+            return candidate
+    else:
+        found = sorted(folder.glob("*.ckpt"))
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise FileNotFoundError(f"{folder} holds several stages ({', '.join(p.stem for p in found)}); name one as {kind}/NAME")
+    raise FileNotFoundError(f"no checkpoint {spec!r}: neither a file nor a published stage under {folder}; "
+                            f"train it with `python train.py model={ALIASES.get(kind, kind)}`")
+
+
+def clip_from_identity(identity: dict, device="cpu"):
+    """Rebuilds the frozen CLIP a stage was trained with, and checks it is the same weights."""
+    from unclip.clip import FrozenCLIP
+
+    if not identity or not identity.get("model"):
+        raise ValueError("the checkpoint names no CLIP (trained without a cache?); pass clip= explicitly")
+    clip = FrozenCLIP(identity["model"], identity.get("pretrained"), device=device)
+    check_clip(clip, identity)
+    return clip
+
+
+def check_clip(clip, identity: dict) -> None:
+    mine = clip.identity()
+    if identity and identity.get("sha256") and (mine["model"], mine["sha256"]) != (identity["model"], identity["sha256"]):
+        raise ValueError(f"this stage was trained with CLIP {identity['model']} (weights {identity['sha256'][:12]}), "
+                         f"not {mine['model']} (weights {mine['sha256'][:12]}); use the CLIP it was trained with")
+
+
+def load(spec: str | Path, clip=None, device: str | torch.device = "cpu", artifacts: str | Path = "outputs/artifacts"):
+    """The stage's LightningModule in eval mode with its EMA weights (``kind`` picks the class)."""
+    path = resolve(spec, artifacts)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    hparams = checkpoint.get("hyper_parameters") or {}
+    classes = module_classes()
+    if hparams.get("kind") not in classes:
+        raise ValueError(f"{path} is a {hparams.get('kind')!r} checkpoint; unclip.load knows {sorted(classes)}")
+    cls = classes[hparams["kind"]]
+    needs_clip = hparams.get("kind") == "decoder" or hparams.get("use_token_states", False)
+    if needs_clip:
+        clip = clip_from_identity(hparams.get("clip"), device) if clip is None else clip
+        check_clip(clip, hparams.get("clip"))
+    accepted = inspect.signature(cls.__init__).parameters
+    module = cls(**{k: v for k, v in hparams.items() if k in accepted and k != "clip"}, clip=clip)
+    module.load_state_dict(checkpoint["state_dict"])
+    module.hparams["clip"] = hparams.get("clip", {})
+    module.checkpoint_path = str(path)
+    return module.to(device).eval()
