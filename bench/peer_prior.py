@@ -25,7 +25,10 @@ def main(cfg: dict) -> None:
     optimizer = torch.optim.AdamW(prior.parameters(), lr=1e-4)
     text_embed = torch.nn.functional.normalize(torch.randn(batch, dim), dim=-1)
     image_embed = torch.nn.functional.normalize(torch.randn(batch, dim), dim=-1)
-    text_encodings = torch.randn(batch, tokens, dim)
+    low, high = cfg.get("lengths") or [tokens, tokens]  # the same caption lengths as ours (same seed)
+    lengths = torch.randint(low, high + 1, (batch,), generator=torch.Generator().manual_seed(0))
+    # dalle2-pytorch masks encodings that are exactly zero (its padding), but still computes every position
+    text_encodings = torch.randn(batch, tokens, dim) * (torch.arange(tokens)[None] < lengths[:, None])[..., None]
     rates = []
     for _ in range(cfg.get("repeats", 2)):
         start = None

@@ -18,6 +18,14 @@ from unclip.modules.diffusion_prior import DiffusionPriorModule
 
 PEER_PYTHON = Path(__file__).parent / ".venv-peer" / "bin" / "python"
 PAPER_LIKE = {"dim": 512, "depth": 6, "heads": 8, "batch": 64, "tokens": 77}
+# the same, with captions of 8-32 real tokens zero-padded to 77 (typical of LAION-style captions)
+SHORT_CAPTIONS = {**PAPER_LIKE, "lengths": [8, 32]}
+
+
+def caption_lengths(cfg: dict) -> torch.Tensor:
+    """Real tokens per caption: all of them, or uniform in ``cfg["lengths"]`` (the same draw for both sides)."""
+    low, high = cfg.get("lengths") or [cfg["tokens"], cfg["tokens"]]
+    return torch.randint(low, high + 1, (cfg["batch"],), generator=torch.Generator().manual_seed(0))
 
 
 def ours(cfg: dict, steps: int = 3, repeats: int = 2) -> dict:
@@ -27,8 +35,9 @@ def ours(cfg: dict, steps: int = 3, repeats: int = 2) -> dict:
            "heads": cfg["heads"], "ff_mult": 4}
     module = DiffusionPriorModule(net, {"schedule": "cosine", "num_timesteps": 1000, "prediction": "x0"}, {"steps": 64})
     optimizer = torch.optim.AdamW(module.net.parameters(), lr=1e-4)
+    token_states = torch.randn(batch, tokens, dim) * (torch.arange(tokens)[None] < caption_lengths(cfg)[:, None])[..., None]
     batch_data = {"img_emb": torch.randn(batch, dim), "txt_emb": torch.randn(batch, dim),
-                  "txt_tok": torch.randn(batch, tokens, dim), "key": [str(i) for i in range(batch)]}
+                  "txt_tok": token_states, "key": [str(i) for i in range(batch)]}
     rates = []
     for _ in range(repeats):
         start = None
@@ -53,8 +62,14 @@ def peer(cfg: dict, steps: int = 3, repeats: int = 2) -> dict | None:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def rows(cfg: dict = PAPER_LIKE) -> list[tuple[str, str, str]]:
+def rows() -> list[tuple[str, str, str]]:
+    return compare(PAPER_LIKE) + compare(SHORT_CAPTIONS)
+
+
+def compare(cfg: dict) -> list[tuple[str, str, str]]:
     label = f"dim {cfg['dim']}, depth {cfg['depth']}, batch {cfg['batch']}, {cfg['tokens']} tokens"
+    if cfg.get("lengths"):
+        label += f" of which {cfg['lengths'][0]}-{cfg['lengths'][1]} real"
     mine = ours(cfg)
     other = peer(cfg)
     out = [(f"diffusion prior train step, ours ({label}, fp32)", f"{mine['steps_per_s']:.3f} steps/s",

@@ -158,3 +158,15 @@ def test_validation_and_checkpoints_use_ema_weights(shapes_dir, cache_dir, tiny_
     assert state["hyper_parameters"]["net"]["text_width"] == tiny_clip.text_width
     assert "clip" in state["hyper_parameters"] and "img_mean" in state["state_dict"]
     assert not any(k.startswith("clip") for k in state["state_dict"])  # the frozen CLIP is named, not stored
+
+
+def test_ema_warmup_follows_early_and_settles_at_decay():
+    from unclip.modules.ema import warmup_ema
+
+    update = warmup_ema(decay=0.99, warmup=10)
+    averaged, current = [torch.zeros(3)], [torch.ones(3)]
+    update(averaged, current, torch.tensor(0))  # first update: decay (1 + 0) / 10 = 0.1
+    torch.testing.assert_close(averaged[0], torch.full((3,), 0.9))
+    averaged = [torch.zeros(3)]
+    update(averaged, current, torch.tensor(10_000))  # late: the configured decay
+    torch.testing.assert_close(averaged[0], torch.full((3,), 0.01))
