@@ -4,16 +4,11 @@ the closest matching config, measured back to back. Ours runs the module's real 
 
 from __future__ import annotations
 
-import json
-import subprocess
-import time
-from pathlib import Path
-
 import torch
 
+from bench.timing import peer_steps_per_s, train_steps_per_s
 from unclip.modules.decoder import DecoderModule
 
-PEER_PYTHON = Path(__file__).parent / ".venv-peer" / "bin" / "python"
 CONFIG = {"size": 64, "batch": 8, "dim": 64, "mults": [1, 2, 3, 4], "embed_dim": 512}
 
 
@@ -30,30 +25,13 @@ def ours(cfg: dict, steps: int = 3, repeats: int = 2) -> dict:
     net = {"image_size": size, "channels": cfg["dim"], "channel_mult": cfg["mults"], "num_res_blocks": 2,
            "attention_resolutions": attention, "head_channels": 32, "embed_dim": cfg["embed_dim"]}
     module = DecoderModule(net, {"schedule": "cosine", "prediction": "eps"}, {"steps": 50}, clip=NoCLIP())
-    optimizer = torch.optim.AdamW(module.net.parameters(), lr=1e-4)
     batch = {"image": torch.rand(cfg["batch"], 3, size, size) * 2 - 1, "img_emb": torch.randn(cfg["batch"], cfg["embed_dim"]),
              "caption": [""] * cfg["batch"]}
-    rates = []
-    for _ in range(repeats):
-        start = None
-        for step in range(steps + 1):
-            if step == 1:
-                start = time.perf_counter()
-            loss = module.loss(batch)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        rates.append(steps / (time.perf_counter() - start))
-    return {"steps_per_s": max(rates), "params": sum(p.numel() for p in module.net.parameters())}
+    return train_steps_per_s(module, batch, steps, repeats)
 
 
 def peer(cfg: dict, steps: int = 3, repeats: int = 2) -> dict | None:
-    if not PEER_PYTHON.exists():
-        return None
-    script = Path(__file__).parent / "peer_decoder.py"
-    result = subprocess.run([str(PEER_PYTHON), str(script), json.dumps({**cfg, "steps": steps, "repeats": repeats})],
-                            capture_output=True, text=True, check=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return peer_steps_per_s("peer_decoder.py", cfg, steps, repeats)
 
 
 def rows(cfg: dict = CONFIG) -> list[tuple[str, str, str]]:

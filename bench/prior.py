@@ -7,16 +7,13 @@ AdamW) with cached token states, so conditioning, normalisation and the diffusio
 
 from __future__ import annotations
 
-import json
-import subprocess
 import time
-from pathlib import Path
 
 import torch
 
+from bench.timing import peer_steps_per_s, train_steps_per_s
 from unclip.modules.diffusion_prior import DiffusionPriorModule
 
-PEER_PYTHON = Path(__file__).parent / ".venv-peer" / "bin" / "python"
 PAPER_LIKE = {"dim": 512, "depth": 6, "heads": 8, "batch": 64, "tokens": 77}
 # the same, with captions of 8-32 real tokens zero-padded to 77 (typical of LAION-style captions)
 SHORT_CAPTIONS = {**PAPER_LIKE, "lengths": [8, 32]}
@@ -34,32 +31,14 @@ def ours(cfg: dict, steps: int = 3, repeats: int = 2) -> dict:
     net = {"embed_dim": dim, "text_width": dim, "max_text_tokens": tokens, "dim": dim, "depth": cfg["depth"],
            "heads": cfg["heads"], "ff_mult": 4}
     module = DiffusionPriorModule(net, {"schedule": "cosine", "num_timesteps": 1000, "prediction": "x0"}, {"steps": 64})
-    optimizer = torch.optim.AdamW(module.net.parameters(), lr=1e-4)
     token_states = torch.randn(batch, tokens, dim) * (torch.arange(tokens)[None] < caption_lengths(cfg)[:, None])[..., None]
     batch_data = {"img_emb": torch.randn(batch, dim), "txt_emb": torch.randn(batch, dim),
                   "txt_tok": token_states, "key": [str(i) for i in range(batch)]}
-    rates = []
-    for _ in range(repeats):
-        start = None
-        for step in range(steps + 1):
-            if step == 1:
-                start = time.perf_counter()
-            loss = module.loss(batch_data)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        rates.append(steps / (time.perf_counter() - start))
-    return {"steps_per_s": max(rates), "params": sum(p.numel() for p in module.net.parameters())}
+    return train_steps_per_s(module, batch_data, steps, repeats)
 
 
 def peer(cfg: dict, steps: int = 3, repeats: int = 2) -> dict | None:
-    """dalle2-pytorch in its own venv (``make bench`` builds it); None when that venv is missing."""
-    if not PEER_PYTHON.exists():
-        return None
-    script = Path(__file__).parent / "peer_prior.py"
-    result = subprocess.run([str(PEER_PYTHON), str(script), json.dumps({**cfg, "steps": steps, "repeats": repeats})],
-                            capture_output=True, text=True, check=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return peer_steps_per_s("peer_prior.py", cfg, steps, repeats)
 
 
 def rows() -> list[tuple[str, str, str]]:

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from unclip.nets.layers import Block, causal_mask
+from unclip.nets.layers import Block, causal_mask, init_gpt_weights
 from unclip.nets.prior_transformer import PrefixCache
 
 
@@ -59,14 +59,7 @@ class ARTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(c.dim, c.heads, c.ff_mult, c.dropout) for _ in range(c.depth))
         self.ln_f = nn.LayerNorm(c.dim)
         self.head = nn.Linear(c.dim, c.bins)
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
+        self.apply(init_gpt_weights)
 
     def hparams(self) -> dict:
         return asdict(self.config)

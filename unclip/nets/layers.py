@@ -19,6 +19,14 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
     return F.pad(emb, (0, dim % 2))
 
 
+def init_gpt_weights(module: nn.Module) -> None:
+    """GPT-2 / nanoGPT initialisation for the transformer priors: N(0, 0.02) weights, zero biases."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, dropout: float = 0.0):
         super().__init__()

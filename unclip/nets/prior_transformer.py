@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from unclip.nets.layers import Block, causal_mask, timestep_embedding
+from unclip.nets.layers import Block, causal_mask, init_gpt_weights, timestep_embedding
 
 
 @dataclass
@@ -51,13 +51,7 @@ class PriorTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(c.dim, c.heads, c.ff_mult, c.dropout) for _ in range(c.depth))
         self.ln_f = nn.LayerNorm(c.dim)
         self.out = nn.Linear(c.dim, c.embed_dim)
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=0.02)
-            nn.init.zeros_(module.bias)
+        self.apply(init_gpt_weights)
 
     def hparams(self) -> dict:
         return asdict(self.config)

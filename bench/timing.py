@@ -1,0 +1,39 @@
+"""Shared by the prior and decoder benches: timing our module's real training step, and the peer's."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+PEER_PYTHON = Path(__file__).parent / ".venv-peer" / "bin" / "python"
+
+
+def train_steps_per_s(module, batch: dict, steps: int = 3, repeats: int = 2) -> dict:
+    """Best steps/s of ``module.loss`` + backward + AdamW over ``repeats`` runs (the first step warms up)."""
+    optimizer = torch.optim.AdamW(module.net.parameters(), lr=1e-4)
+    rates = []
+    for _ in range(repeats):
+        start = None
+        for step in range(steps + 1):
+            if step == 1:
+                start = time.perf_counter()
+            loss = module.loss(batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        rates.append(steps / (time.perf_counter() - start))
+    return {"steps_per_s": max(rates), "params": sum(p.numel() for p in module.net.parameters())}
+
+
+def peer_steps_per_s(script: str, cfg: dict, steps: int = 3, repeats: int = 2) -> dict | None:
+    """Runs ``bench/SCRIPT`` in the peer's own venv (``make bench`` builds it); None when that venv is missing."""
+    if not PEER_PYTHON.exists():
+        return None
+    result = subprocess.run([str(PEER_PYTHON), str(Path(__file__).parent / script),
+                             json.dumps({**cfg, "steps": steps, "repeats": repeats})],
+                            capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
