@@ -35,6 +35,8 @@ def randomise_zero_layers(net: nn.Module) -> nn.Module:
     dict(image_size=32, channel_mult=[1, 1, 2, 3], num_res_blocks=2, learn_sigma=True),
     dict(image_size=16, channel_mult=[1, 2], text_width=24),
     dict(image_size=16, channel_mult=[1, 2], embed_dim=0, lowres_channels=3),
+    dict(image_size=32, channel_mult=[1, 2], patch_size=2, attention_resolutions=[8]),   # 2x2 patches: a 16 x 16 grid
+    dict(image_size=16, channel_mult=[1, 2], embed_dim=0, lowres_channels=3, patch_size=4),
 ])
 def test_unet_shapes(config):
     net = UNet(tiny_unet_config(**config))
@@ -46,6 +48,14 @@ def test_unet_shapes(config):
     lowres = torch.randn(b, 3, s, s) if config.get("lowres_channels") else None
     out = net(x, t, z, tokens, mask, lowres=lowres)
     assert out.shape == (b, 6 if config.get("learn_sigma") else 3, s, s)
+
+
+def test_patches_keep_pixels_apart():
+    """With 2x2 patches every output pixel still depends on its own input pixel (the patching is lossless)."""
+    net = randomise_zero_layers(UNet(tiny_unet_config(image_size=16, patch_size=2, attention_resolutions=[]))).eval()
+    x, t, z = torch.zeros(1, 3, 16, 16, requires_grad=True), torch.tensor([10]), torch.randn(1, 128)
+    net(x, t, z)[0, :, 5, 6].sum().backward()
+    assert x.grad[0, :, 5, 6].abs().sum() > 0 and x.grad[0, :, 4, 6].abs().sum() > 0  # its own pixel and its patch mate
 
 
 def test_image_embedding_and_caption_change_the_prediction():

@@ -18,10 +18,13 @@ ALIASES = {"diffusion": "diffusion_prior", "ar": "ar_prior", "contrastive": "con
 
 def module_classes() -> dict:
     from unclip.modules.ar_prior import ARPriorModule
+    from unclip.modules.contrastive_prior import ContrastivePriorModule
     from unclip.modules.decoder import DecoderModule
     from unclip.modules.diffusion_prior import DiffusionPriorModule
+    from unclip.modules.upsampler import UpsamplerModule
 
-    return {"diffusion_prior": DiffusionPriorModule, "ar_prior": ARPriorModule, "decoder": DecoderModule}
+    return {"diffusion_prior": DiffusionPriorModule, "ar_prior": ARPriorModule, "contrastive_prior": ContrastivePriorModule,
+            "decoder": DecoderModule, "upsampler": UpsamplerModule}
 
 
 def resolve(spec: str | Path, artifacts: str | Path = "outputs/artifacts") -> Path:

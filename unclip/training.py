@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import re
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -56,15 +57,28 @@ def build_logger(cfg: DictConfig, directory: Path):
         kwargs["id"] = f"{cfg.experiment.name}-{cfg.model.name}-{directory.name}"[:128].replace("/", "_")
         kwargs["resume"] = "allow"
         kwargs["config"] = OmegaConf.to_container(cfg, resolve=True)
-    return instantiate(cfg.logger, **kwargs, _convert_="all")
+    # through a partial: instantiate's own first parameter is named ``config``, like WandbLogger's
+    return instantiate(cfg.logger, _partial_=True, _convert_="all")(**kwargs)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` every N steps and also at the end of each train epoch, which is where a run stopped by
+    ``max_steps`` ends too. Lightning's ModelCheckpoint writes it at the end only when nothing was saved
+    during the run, and then from ``on_train_end``: after the epoch was counted as complete (a resume would
+    skip the rest of it) and after the EMA callback has put the averaged weights into the net."""
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 def build_trainer(cfg: DictConfig, directory: Path, callbacks: list | None = None) -> pl.Trainer:
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     every = trainer_cfg.pop("checkpoint_every_n_steps", None)
-    checkpoint = ModelCheckpoint(dirpath=str(directory / "checkpoints"), save_last=True, every_n_train_steps=every,
-                                 filename="step{step:07d}", auto_insert_metric_name=False, save_top_k=1,
-                                 monitor="step", mode="max")
+    checkpoint = RunCheckpoint(dirpath=str(directory / "checkpoints"), save_last=True, every_n_train_steps=every,
+                               filename="step{step:07d}", auto_insert_metric_name=False, save_top_k=1,
+                               monitor="step", mode="max")
     # stage callbacks (e.g. the EMA of the net) come from the model config
     stage_callbacks = [instantiate(c, _convert_="all") for c in (cfg.model.get("callbacks") or {}).values() if c]
     callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), *stage_callbacks, *(callbacks or [])]
@@ -82,7 +96,14 @@ def build_module(cfg: DictConfig, clip=None):
     if cfg.model.get("needs_clip"):
         extra["clip"] = clip
     # extra kwargs are passed after instantiation: Hydra would otherwise instantiate the optimiser config inside
-    return instantiate(cfg.model.module, _partial_=True, _convert_="all")(**extra)
+    module = instantiate(cfg.model.module, _partial_=True, _convert_="all")(**extra)
+    if cfg.model.get("compile"):
+        if not isinstance(getattr(module, "net", None), torch.nn.Module):
+            raise ValueError(f"model.compile=true compiles the module's net, but {type(module).__name__} has no .net")
+        # nn.Module.compile compiles in place: parameter names, and so checkpoints and the EMA copy, are
+        # those of the plain net (torch.compile(net) would prefix every name with "_orig_mod.")
+        module.net.compile()
+    return module
 
 
 def artifact_path(cfg: DictConfig) -> Path:
@@ -99,6 +120,52 @@ def resume_path(cfg: DictConfig, directory: Path) -> str | None:
     return str(last) if last.exists() else None
 
 
+CONFIG_FILE = "config.yaml"  # the resolved config of the run, in its directory
+# What may change when a run resumes: how long it runs, where it logs, how it is launched and where files
+# live (the same list Hydra leaves out of the run's folder name). Anything else makes it another run.
+RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.max_epochs", "trainer.enable_progress_bar", "logger", "launcher",
+                     "hydra", "paths", "ckpt_path", "publish", "data.num_workers", "data.pin_memory")
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    """Nested dicts -> {"a.b.c": leaf}; lists are leaves (compared whole)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def config_differences(stored: dict, current: dict) -> list[str]:
+    """``key: old -> new`` for every key that differs outside :data:`RESUMABLE_CHANGES`."""
+    absent = "<absent>"
+    old, new = flatten(stored), flatten(current)
+    return [f"{key}: {old.get(key, absent)!r} -> {new.get(key, absent)!r}" for key in sorted(set(old) | set(new))
+            if old.get(key, absent) != new.get(key, absent)
+            and not any(key == allowed or key.startswith(allowed + ".") for allowed in RESUMABLE_CHANGES)]
+
+
+def check_and_store_config(cfg: DictConfig, directory: Path) -> None:
+    """On resume from the run dir's ``last.ckpt``, refuses a config that differs from the stored one outside
+    run length, logging and launching, naming the keys; then (rank 0) stores the resolved config."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    current = OmegaConf.to_container(cfg, resolve=True)
+    path = directory / CONFIG_FILE
+    if not cfg.get("ckpt_path") and path.exists() and (directory / "checkpoints" / "last.ckpt").exists():
+        differences = config_differences(OmegaConf.to_container(OmegaConf.load(path)), current)
+        if differences:
+            raise ValueError(f"run dir {directory} holds a run made with another config; resuming it would mix two runs. "
+                             f"Differences (stored -> now): {'; '.join(differences)}. Only {', '.join(RESUMABLE_CHANGES)} "
+                             f"may change on resume: give the new run its own run.name, or pass ckpt_path={path.parent}/"
+                             f"checkpoints/last.ckpt to start from its weights with the new config")
+    if rank_zero_only.rank == 0:  # atomic: other ranks (or a requeued job) may read it meanwhile
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        OmegaConf.save(OmegaConf.create(current), tmp)
+        os.replace(tmp, path)
+
+
 def require_complete(cfg: DictConfig) -> None:
     """Fails before any work when a required value (``???``) was not given on the command line."""
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -112,6 +179,7 @@ def fit(cfg: DictConfig) -> dict:
     require_complete(cfg)
     directory = run_dir(cfg)
     directory.mkdir(parents=True, exist_ok=True)
+    check_and_store_config(cfg, directory)
     pl.seed_everything(int(cfg.seed), workers=True)
     torch.set_float32_matmul_precision("high")
     clip = instantiate(cfg.clip, _convert_="all") if cfg.model.get("needs_clip") else None
@@ -121,7 +189,11 @@ def fit(cfg: DictConfig) -> dict:
     ckpt = resume_path(cfg, directory)
     if ckpt:
         log.info("resuming from %s", ckpt)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+        # Lightning warns about any mid-epoch resume of a loader it cannot restore itself; the DataModule's
+        # own state (epoch, batches consumed) restores the position
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    # weights_only: a checkpoint holds tensors and plain containers only (hyperparameters, loop, data and EMA state)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
     if cfg.get("publish") and trainer.is_global_zero:
         path = artifact_path(cfg)
         module.publish(path)

@@ -16,8 +16,10 @@ environment variables, so the split is right under any launcher. Two epoch modes
 * ``resampled``: each worker draws shards with replacement for a fixed number of batches, equal on
   every rank; training at scale.
 
-The data order is a pure function of (seed, epoch, rank, worker). Bad samples are skipped, counted and
-reported with each batch under ``skipped`` (logged as ``data/skipped_*``); they never stop a run.
+The data order is a pure function of (seed, epoch, rank, worker); the DataModule's ``state_dict`` holds
+(epoch, batches consumed), so a resumed run skips what it trained on and continues mid-epoch. Bad samples
+are skipped, counted and reported with each batch under ``skipped`` (logged as ``data/skipped_*``); they
+never stop a run.
 """
 
 from __future__ import annotations
@@ -190,6 +192,16 @@ class _ShardStream(IterableDataset):
     def set_rank(self, rank: int, world: int) -> None:
         self.rank, self.world = rank, world
 
+    @property
+    def rows_by_rank(self) -> bool:
+        """Exact mode with fewer shards than ranks (a one-shard val set under DDP): every rank reads every
+        shard and keeps rows ``i % world == rank`` of each, so no rank is left without data (an idle rank
+        would wait forever for the others at the first collective)."""
+        return self.mode == "exact" and self.world > 1 and len(self.urls) < self.world
+
+    def keep_row(self, row_in_shard: int) -> bool:
+        return not self.rows_by_rank or row_in_shard % self.world == self.rank
+
     def shard_order(self) -> Iterator[str]:
         """This worker's shards for this epoch: an even split (exact) or an endless seeded draw (resampled)."""
         if self.mode == "resampled":
@@ -199,7 +211,7 @@ class _ShardStream(IterableDataset):
         urls = list(self.urls)
         if self.shuffle:
             random.Random(hash_seed(self.seed, self.epoch, "shards")).shuffle(urls)
-        yield from worker_slice(urls, self.rank, self.world)
+        yield from worker_slice(urls, 0, 1) if self.rows_by_rank else worker_slice(urls, self.rank, self.world)
 
     def worker_batch_limit(self) -> int | None:
         if self.mode != "resampled":
@@ -213,7 +225,10 @@ class _ShardStream(IterableDataset):
         """Batches per epoch on this rank (exact for resampled; an estimate for exact with uneven shards)."""
         if self.mode == "resampled":
             return self.batches_per_epoch or max(1, sum(self.sizes.values()) // (self.batch_size * self.world))
-        rows = sum(self.sizes.get(shard_name(u), 0) for u in islice(self.urls, self.rank, None, self.world))
+        if self.rows_by_rank:
+            rows = sum(len(range(self.rank, self.sizes.get(shard_name(u), 0), self.world)) for u in self.urls)
+        else:
+            rows = sum(self.sizes.get(shard_name(u), 0) for u in islice(self.urls, self.rank, None, self.world))
         return max(1, rows // self.batch_size if self.drop_last else math.ceil(rows / self.batch_size))
 
 
@@ -237,7 +252,13 @@ class EmbeddingBatches(_ShardStream):
         emitted = 0
         pool: list[cache_lib.Chunk] = []
         for url in self.shard_order():
+            offset = 0  # rows of this shard read so far
             for chunk in cache_lib.iter_chunks(url, self.fields, skips.handler("bad_chunk"), self.dims):
+                if self.rows_by_rank:
+                    rows = [i for i in range(len(chunk)) if self.keep_row(offset + i)]
+                    offset += len(chunk)
+                    chunk = cache_lib.Chunk([chunk.keys[i] for i in rows], [chunk.captions[i] for i in rows],
+                                            {f: a[rows] for f, a in chunk.arrays.items()})
                 pool.append(chunk)
                 if len(pool) < self.shuffle_chunks:
                     continue
@@ -392,7 +413,10 @@ class SampleBatches(_ShardStream):
             embeddings = self._embeddings(url, skips)
             if embeddings is not None and not len(embeddings):
                 continue
-            for sample in wds.tariterators.tarfile_samples([{"url": url}], handler=skips.handler("bad_tar_member")):
+            tar_samples = wds.tariterators.tarfile_samples([{"url": url}], handler=skips.handler("bad_tar_member"))
+            for row, sample in enumerate(tar_samples):
+                if not self.keep_row(row):
+                    continue
                 try:
                     yield decode_source_sample(sample, self.want, self.image_size, self.lowres_size, embeddings, self.dims)
                 except SkipSample as skip:
@@ -445,6 +469,22 @@ def as_is(batch: dict) -> dict:
     return batch
 
 
+class ResumableLoader(DataLoader):
+    """A DataLoader whose next iteration first drops ``skip`` batches: those a resumed run already trained
+    on. The batches are produced and discarded (by the workers, in the order the uninterrupted run saw them),
+    not decoded differently, so the batches that follow are exactly the ones it would have seen next."""
+
+    skip = 0
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        skip, self.skip = self.skip, 0
+        for _ in range(skip):
+            if next(iterator, None) is None:
+                break
+        return iterator
+
+
 class CaptionImageDataModule(pl.LightningDataModule):
     """Caption-image shards and their embedding cache, for every stage.
 
@@ -480,6 +520,7 @@ class CaptionImageDataModule(pl.LightningDataModule):
         self.datasets: dict[str, _ShardStream] = {}
         self.cache_meta: dict | None = None
         self.epoch = 0
+        self.resume_batches = 0  # train batches of self.epoch to skip on the next iteration (set by load_state_dict)
 
     @property
     def embeddings_only(self) -> bool:
@@ -507,6 +548,7 @@ class CaptionImageDataModule(pl.LightningDataModule):
         for split in self.splits():
             dataset = self.build(split)
             dataset.set_rank(rank, world)
+            dataset.set_epoch(self.epoch)
             self.datasets[split] = dataset
 
     def source_urls(self, split: str) -> list[str]:
@@ -565,18 +607,32 @@ class CaptionImageDataModule(pl.LightningDataModule):
     def loader(self, split: str) -> DataLoader:
         self.setup()
         dataset = self.datasets[split]
-        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=False, collate_fn=as_is)
+        return ResumableLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                               persistent_workers=False, collate_fn=as_is)
 
     def train_dataloader(self) -> DataLoader:
-        return self.loader("train")
+        loader = self.loader("train")
+        loader.skip, self.resume_batches = self.resume_batches, 0
+        return loader
 
     def val_dataloader(self):
         loaders = [self.loader(s) for s in ("val", "val_unseen") if self.specs.get(s)]
         return loaders[0] if len(loaders) == 1 else loaders
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch}
+        """The data position: the epoch, the train batches of it this rank has trained on (every rank steps
+        together, so the count is the same on all), and whether the epoch was over. With the order a pure
+        function of (seed, epoch), that is all a resumed run needs to continue with the next batch."""
+        batches, epoch_done = 0, False
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.state.fn == "fit":
+            progress = trainer.fit_loop.epoch_loop.batch_progress
+            batches, epoch_done = int(progress.current.processed), bool(progress.is_last_batch)
+        return {"epoch": self.epoch, "batches": batches, "epoch_done": epoch_done}
 
     def load_state_dict(self, state: dict) -> None:
-        self.set_epoch(int(state.get("epoch", 0)))
+        epoch, batches = int(state.get("epoch", 0)), int(state.get("batches", 0))
+        if state.get("epoch_done"):  # Lightning resumes such a checkpoint at the start of the next epoch
+            epoch, batches = epoch + 1, 0
+        self.set_epoch(epoch)
+        self.resume_batches = batches

@@ -59,8 +59,11 @@ class UnclipModule(pl.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # Checkpoints hold no RNG state: seed every step from (seed, step, rank) so that timesteps, noise,
-        # condition dropout and nn.Dropout of a resumed run repeat the uninterrupted run.
-        torch.manual_seed(hash_seed(self.seed, self.global_step, self.global_rank))
+        # condition dropout and nn.Dropout of a resumed run repeat the uninterrupted run. The micro-batches of
+        # one accumulated step share global_step, so their index joins the seed (else they draw the same noise).
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        parts = (self.seed, self.global_step, self.global_rank) + ((batch_idx % accumulate,) if accumulate > 1 else ())
+        torch.manual_seed(hash_seed(*parts))
         self.log_skipped(batch)
 
     def log_skipped(self, batch: dict) -> None:
@@ -86,6 +89,31 @@ class UnclipModule(pl.LightningModule):
     @staticmethod
     def split_suffix(dataloader_idx: int) -> str:
         return VAL_SPLITS[dataloader_idx] if dataloader_idx < len(VAL_SPLITS) else f"_{dataloader_idx}"
+
+    def log_val_loss(self, batch: dict, batch_idx: int, dataloader_idx: int) -> None:
+        """``val/loss{suffix}`` of ``self.loss(batch)`` under a seed fixed per (split, batch), so successive
+        validations draw the same timesteps and noise and their losses compare; the training RNG is left as it was."""
+        with torch.random.fork_rng(devices=[self.device.index or 0] if self.device.type == "cuda" else []):
+            torch.manual_seed(hash_seed(self.seed, "val", dataloader_idx, batch_idx))
+            self.log(f"val/loss{self.split_suffix(dataloader_idx)}", self.loss(batch), batch_size=len(batch["key"]), sync_dist=True,
+                     add_dataloader_idx=False)
+
+    def save_image_rows(self, rows: list[torch.Tensor], name: str) -> None:
+        """A PNG grid, one row per (N, 3, H, W) tensor in [-1, 1] (all the same shape), in the run dir's
+        ``samples/`` (every logger) and to loggers that take images (wandb); rank 0 only, not while sanity checking."""
+        from pathlib import Path
+
+        from torchvision.utils import make_grid, save_image
+
+        if self.trainer is None or not self.trainer.is_global_zero or self.trainer.sanity_checking:
+            return
+        grid = make_grid(torch.cat(rows).add(1).div(2).clamp(0, 1).cpu(), nrow=len(rows[0]))
+        directory = Path(self.trainer.default_root_dir) / "samples"
+        directory.mkdir(parents=True, exist_ok=True)
+        save_image(grid, directory / f"{name}_step{self.global_step:07d}.png")
+        for logger in self.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key=f"samples/{name}", images=[grid], step=self.global_step)
 
     # ------------------------------------------------------------------------- publishing
     def publish(self, path) -> None:

@@ -87,7 +87,7 @@ class ClipPretrainModule(UnclipModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         z_img, z_txt, logit_scale = self.encode(batch["image"], batch["caption"])
         loss = self.loss_fn(z_img, z_txt, logit_scale)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("train/logit_scale", logit_scale.detach())
         return loss
 

@@ -8,6 +8,7 @@ at the decoder's resolution, plus zero-shot shape/colour accuracy of the decoded
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -15,11 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from unclip.data.datamodule import hash_seed
-from unclip.diffusion import GaussianDiffusion, Sampler, classifier_free_guidance
+from unclip.diffusion import GaussianDiffusion, Sampler, classifier_free_guidance, ddim_invert
 from unclip.modules.base import UnclipModule
 from unclip.modules.clip_pretrain import zero_shot_attributes
 from unclip.modules.prior import trim_padding
 from unclip.nets.unet import UNet
+
+log = logging.getLogger(__name__)
 
 
 class DecoderModule(UnclipModule):
@@ -27,7 +30,7 @@ class DecoderModule(UnclipModule):
 
     def __init__(self, net: dict, diffusion: dict, sampler: dict, clip=None, text_cond: bool = False,
                  image_drop_prob: float = 0.1, text_drop_prob: float = 0.5, val_images: int = 16,
-                 optim: dict | None = None, seed: int = 0):
+                 attribute_classifier: str | None = None, optim: dict | None = None, seed: int = 0):
         super().__init__(optim=optim, seed=seed)
         if clip is None:
             raise ValueError("the decoder needs the run's frozen CLIP (model.needs_clip=true): it scores decoded images "
@@ -44,6 +47,9 @@ class DecoderModule(UnclipModule):
                                    "sampler": dict(sampler), "text_cond": text_cond, "image_drop_prob": image_drop_prob,
                                    "text_drop_prob": text_drop_prob})
         self.val_store: dict[str, dict[str, list]] = {}
+        # the project's attribute classifier (python -m unclip.attributes), when trained: scores decoded val
+        # images against the attributes of the images whose z_i they decode
+        self.attribute_classifier_path, self.attribute_classifier = attribute_classifier, None
 
     def trainable_parameters(self):
         return self.net.parameters()
@@ -53,6 +59,16 @@ class DecoderModule(UnclipModule):
 
     def on_fit_start(self) -> None:
         self.clip.to(self.device)
+        path = self.attribute_classifier_path
+        if self.attribute_classifier is None and path:
+            if Path(path).exists():
+                from unclip.attributes import load_classifier
+
+                self.attribute_classifier = load_classifier(path, self.device)
+            else:
+                log.info("no attribute classifier at %s (train one with python -m unclip.attributes): "
+                         "val/decoder/attr_acc is not logged", path)
+                self.attribute_classifier_path = None
 
     on_validation_start = on_fit_start
 
@@ -84,39 +100,53 @@ class DecoderModule(UnclipModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["key"]))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["key"]), sync_dist=True)
         return loss
 
     # ---------------------------------------------------------------------------------- sampling
+    def model_fn(self, z_img: torch.Tensor, captions=None, guidance_scale: float | None = None):
+        """The denoiser ``(x_t, t) -> output`` for embeddings z_img (B, D), with classifier-free guidance
+        (the unconditional half drops z_i and the caption together) when the scale is not 1."""
+        scale = self.sampler.guidance_scale if guidance_scale is None else guidance_scale
+        b = len(z_img)
+        z = self.image_condition(z_img.to(self.device))
+        tokens, mask = self.text_condition(captions) if captions is not None else (None, None)
+        if scale == 1.0:
+            return lambda x, t: self.net(x, t, z, tokens, mask)
+        off, on = torch.zeros(b, dtype=torch.bool, device=self.device), torch.ones(b, dtype=torch.bool, device=self.device)
+        drop = torch.cat([off, on])
+        pair_tokens = None if tokens is None else torch.cat([tokens, tokens])
+        pair_mask = None if mask is None else torch.cat([mask, mask])
+        return classifier_free_guidance(
+            lambda x, t: self.net(x, t, torch.cat([z, z]), pair_tokens, pair_mask, drop, drop), scale,
+            learned_variance=self.net.config.learn_sigma)
+
     @torch.no_grad()
     def sample(self, z_img: torch.Tensor, captions=None, generator: torch.Generator | None = None,
                guidance_scale: float | None = None, steps: int | str | None = None, x_T: torch.Tensor | None = None,
                eta: float | None = None) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] decoded from CLIP image embeddings z_img (B, D)."""
-        scale = self.sampler.guidance_scale if guidance_scale is None else guidance_scale
-        b, size = len(z_img), self.net.config.image_size
-        z = self.image_condition(z_img.to(self.device))
-        tokens, mask = self.text_condition(captions) if captions is not None else (None, None)
+        size = self.net.config.image_size
         if x_T is None:
-            x_T = torch.randn(b, self.net.config.out_channels, size, size, generator=generator, device=self.device)
-        if scale == 1.0:
-            model_fn = lambda x, t: self.net(x, t, z, tokens, mask)  # noqa: E731
-        else:  # unconditional half: z_i and caption both dropped
-            off, on = torch.zeros(b, dtype=torch.bool, device=self.device), torch.ones(b, dtype=torch.bool, device=self.device)
-            drop = torch.cat([off, on])
-            pair_tokens = None if tokens is None else torch.cat([tokens, tokens])
-            pair_mask = None if mask is None else torch.cat([mask, mask])
-            model_fn = classifier_free_guidance(
-                lambda x, t: self.net(x, t, torch.cat([z, z]), pair_tokens, pair_mask, drop, drop), scale,
-                learned_variance=self.net.config.learn_sigma)
-        return self.sampler(model_fn, self.diffusion, x_T, generator, steps, eta).clamp(-1, 1)
+            x_T = torch.randn(len(z_img), self.net.config.out_channels, size, size, generator=generator, device=self.device)
+        model_fn = self.model_fn(z_img, captions, guidance_scale)
+        return self.sampler(model_fn, self.diffusion, x_T.to(self.device), generator, steps, eta).clamp(-1, 1)
+
+    @torch.no_grad()
+    def invert(self, images: torch.Tensor, z_img: torch.Tensor, captions=None, steps: int | str | None = None) -> torch.Tensor:
+        """The DDIM latent x_T (B, 3, H, W) that decodes back to ``images`` (DDIM §4.3) under z_img,
+        without guidance: the starting noise that keeps an image's layout in variations and interpolations."""
+        size = self.net.config.image_size
+        x0 = images.to(self.device).float()
+        if x0.shape[-1] != size or x0.shape[-2] != size:
+            x0 = F.interpolate(x0, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
+        process = self.sampler.process(self.diffusion, steps)
+        return ddim_invert(self.model_fn(z_img, captions, 1.0), process, x0)
 
     # -------------------------------------------------------------------------------- validation
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         suffix = self.split_suffix(dataloader_idx)
-        with torch.random.fork_rng(devices=[self.device.index or 0] if self.device.type == "cuda" else []):
-            torch.manual_seed(hash_seed(self.seed, "val", dataloader_idx, batch_idx))
-            self.log(f"val/loss{suffix}", self.loss(batch), batch_size=len(batch["key"]), add_dataloader_idx=False)
+        self.log_val_loss(batch, batch_idx, dataloader_idx)
         store = self.val_store.setdefault(suffix, {"real": [], "fake": [], "z_img": [], "meta": []})
         taken = sum(len(x) for x in store["real"])
         if taken >= self.val_images:
@@ -138,19 +168,16 @@ class DecoderModule(UnclipModule):
             self.log(f"val/decoder/clip_sim_real{suffix}", (z_real * z_img).sum(-1).mean(), add_dataloader_idx=False)
             for attribute, value in zero_shot_attributes(encode_text, z_fake, store["meta"]).items():
                 self.log(f"val/decoder/zeroshot_{attribute}{suffix}", value, add_dataloader_idx=False)
+            if self.attribute_classifier is not None and all(m.get("objects") for m in store["meta"]):
+                from unclip.attributes import attribute_accuracy
+
+                objects = [m["objects"] for m in store["meta"]]
+                for name, images in (("", fake), ("_real", real)):  # _real: the classifier's ceiling at this size
+                    acc = attribute_accuracy(self.attribute_classifier, images, objects)["attr_acc"]
+                    self.log(f"val/decoder/attr_acc{name}{suffix}", acc, add_dataloader_idx=False)
             self.save_grid(real, fake, f"val{suffix}")
         self.val_store = {}
 
     def save_grid(self, real: torch.Tensor, fake: torch.Tensor, name: str) -> None:
         """Real images above their decodings, as a PNG in the run dir (every logger) and to wandb if used."""
-        from torchvision.utils import make_grid, save_image
-
-        if self.trainer is None or not self.trainer.is_global_zero or self.trainer.sanity_checking:
-            return
-        grid = make_grid(torch.cat([real, fake]).add(1).div(2).clamp(0, 1).cpu(), nrow=len(real))
-        directory = Path(self.trainer.default_root_dir) / "samples"
-        directory.mkdir(parents=True, exist_ok=True)
-        save_image(grid, directory / f"{name}_step{self.global_step:07d}.png")
-        for logger in self.loggers:
-            if hasattr(logger, "log_image"):
-                logger.log_image(key=f"samples/{name}", images=[grid], step=self.global_step)
+        self.save_image_rows([real, fake], name)

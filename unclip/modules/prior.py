@@ -29,6 +29,28 @@ def trim_padding(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor
     return tokens[:, :used], mask[:, :used]
 
 
+def with_text_width(net: dict, clip=None, use_token_states: bool = True) -> dict:
+    """The net config with the caption-token width filled in: 0 without token states, the text tower's
+    width and context length with a CLIP, else the configured width (tokens read from the cache)."""
+    net = dict(net)
+    if not use_token_states:
+        net["text_width"] = 0
+    elif clip is not None:  # the text tower decides the token width and count
+        net["text_width"], net["max_text_tokens"] = clip.text_width, clip.context_length
+    elif not net.get("text_width"):
+        raise ValueError("use_token_states=true without a CLIP needs model.module.net.text_width (the cached token width)")
+    return net
+
+
+def gather_rows(module, rows: torch.Tensor) -> torch.Tensor:
+    """(n_r, D) on each rank -> (sum of n_r, D) on every rank, in rank order; ranks may hold different n_r
+    (all_gather needs equal shapes, so rows are padded to the largest n_r and cut after)."""
+    counts = module.all_gather(torch.tensor([len(rows)], device=rows.device)).view(-1)  # (world,)
+    padded = torch.cat([rows, rows.new_zeros(int(counts.max()) - len(rows), *rows.shape[1:])])
+    gathered = module.all_gather(padded)  # (world, max n_r, D)
+    return torch.cat([gathered[r, : int(n)] for r, n in enumerate(counts)])
+
+
 class PriorModule(UnclipModule):
     """Subclasses implement ``loss(batch) -> scalar`` and ``sample(cond, generator) -> z_i (B, D)``."""
 
@@ -105,7 +127,8 @@ class PriorModule(UnclipModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["key"]))
+        # sync_dist: the logged value is the mean over ranks, not rank 0's own batch
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["key"]), sync_dist=True)
         return loss
 
     # --------------------------------------------------------------------------------- validation
@@ -115,21 +138,37 @@ class PriorModule(UnclipModule):
         # the same noise for every validation: seeded from (seed, split, batch), restored afterwards
         with torch.random.fork_rng(devices=[self.device.index or 0] if self.device.type == "cuda" else []):
             torch.manual_seed(hash_seed(self.seed, "val", dataloader_idx, batch_idx))
-            self.log(f"val/loss{suffix}", self.loss(batch), batch_size=size, add_dataloader_idx=False)
+            self.log(f"val/loss{suffix}", self.loss(batch), batch_size=size, add_dataloader_idx=False, sync_dist=True)
         pool = self.pools[suffix]
         taken = sum(len(z) for z in pool["z_img"])
-        if taken >= self.val_pool:
+        quota = -(-self.val_pool // self.trainer.world_size)  # ranks share the pool; joined at the epoch's end
+        if taken >= quota:
             return
-        keep = min(size, self.val_pool - taken)
+        keep = min(size, quota - taken)
         cond = self.condition(batch)
         generator = torch.Generator(device=self.device).manual_seed(hash_seed(self.seed, "val-sample", dataloader_idx, batch_idx))
         pool["z_pred"].append(self.sample(cond, generator)[:keep].float())
         pool["z_img"].append(batch["img_emb"][:keep].float())
         pool["z_txt"].append(batch["txt_emb"][:keep].float())
 
+    def joined_pools(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Every rank's val pool joined in rank order, on every rank (each rank sampled its own share of
+        the val rows), so the metrics are those of one pool whatever the number of ranks."""
+        world = self.trainer.world_size
+        suffixes = [self.split_suffix(i) for i in range(len(self.trainer.num_val_batches))] if world > 1 else list(self.pools)
+        joined = {}
+        for suffix in suffixes:  # the same order and count on every rank: each all_gather has its partner
+            pool = self.pools.get(suffix, {})
+            z = {k: torch.cat(pool[k]) if pool.get(k) else self.img_mean.new_zeros(0, len(self.img_mean))
+                 for k in ("z_pred", "z_img", "z_txt")}
+            if world > 1:
+                z = {k: gather_rows(self, v)[: self.val_pool] for k, v in z.items()}
+            if len(z["z_img"]):
+                joined[suffix] = z
+        return joined
+
     def on_validation_epoch_end(self) -> None:
-        for suffix, pool in self.pools.items():
-            z = {k: torch.cat(v) for k, v in pool.items()}
+        for suffix, z in self.joined_pools().items():
             for name, value in prior_metrics(z["z_pred"], z["z_img"], z["z_txt"]).items():
                 self.log(f"val/prior/{name}{suffix}", value, add_dataloader_idx=False)
             if not self.baselines_logged and self.linear_baseline is not None:

@@ -4,7 +4,10 @@ Residual blocks take the timestep embedding (plus the projected z_i) as a scale-
 GroupNorm; attention blocks at chosen resolutions attend over the pixels *and* the context tokens: z_i
 projected into ``context_tokens`` (4, unCLIP §2.1) extra tokens, optionally followed by the caption's
 token states. ``lowres_channels`` > 0 makes it an upsampler: a low-resolution image, upsampled to the
-output size, is concatenated to the input channels.
+output size, is concatenated to the input channels; ``aug_level_embed`` adds the embedding of that image's
+noise-augmentation level to the timestep embedding (Imagen §2.5 conditioning augmentation), and
+``middle_attention=false`` leaves a net of convolutions only (unCLIP's upsamplers have no attention, so
+they train on crops and sample at full size).
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ class UNetConfig:
     text_width: int = 0                       # caption token states (0 = no text tokens)
     learn_sigma: bool = False                 # twice the output channels (IDDPM learned range)
     lowres_channels: int = 0                  # upsamplers: channels of the conditioning low-res image
+    patch_size: int = 1                       # p > 1: the net runs on p x p pixel patches (image_size / p grid)
+    aug_level_embed: bool = False             # upsamplers: embed the low-res noise-augmentation level, added to t's
+    middle_attention: bool = True             # attention in the middle block (false: convolutions only)
     groups: int = 32
 
 
@@ -128,6 +134,8 @@ class UNet(nn.Module):
         ch, emb_dim = c.channels, 4 * c.channels
         context_dim = ch * max(c.channel_mult) if (c.embed_dim or c.text_width) else 0
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        # the augmentation level is a training step of the same diffusion: embedded like t, by its own MLP
+        self.aug_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)) if c.aug_level_embed else None
         if c.embed_dim:
             self.image_embed_to_time = nn.Linear(c.embed_dim, emb_dim)                      # unCLIP §2.1: added to t
             self.image_embed_to_tokens = nn.Linear(c.embed_dim, c.context_tokens * context_dim)  # 4 extra tokens
@@ -135,8 +143,14 @@ class UNet(nn.Module):
         self.text_proj = nn.Linear(c.text_width, context_dim) if c.text_width else None
         self.context_norm = nn.LayerNorm(context_dim) if context_dim else None
 
-        self.input = nn.Conv2d(c.in_channels + c.lowres_channels, ch, 3, padding=1)
-        self.down, skips, resolution, cur = nn.ModuleList(), [ch], c.image_size, ch
+        if c.image_size % c.patch_size:
+            raise ValueError(f"image_size {c.image_size} is not a multiple of patch_size {c.patch_size}")
+        # Patches (simple diffusion, Hoogeboom et al. 2023 §3: avoid full-resolution feature maps): p x p
+        # pixels become p^2 x channels of one grid cell, losslessly (pixel unshuffle); the costliest level
+        # of the net then runs on p^2 fewer positions. attention_resolutions count grid cells.
+        area = c.patch_size ** 2
+        self.input = nn.Conv2d((c.in_channels + c.lowres_channels) * area, ch, 3, padding=1)
+        self.down, skips, resolution, cur = nn.ModuleList(), [ch], c.image_size // c.patch_size, ch
         for level, mult in enumerate(c.channel_mult):
             for _ in range(c.num_res_blocks):
                 self.down.append(Stage(cur, ch * mult, emb_dim, c.dropout, c.groups, resolution in c.attention_resolutions,
@@ -147,7 +161,7 @@ class UNet(nn.Module):
                 self.down.append(Downsample(cur))
                 skips.append(cur)
                 resolution //= 2
-        self.middle = nn.ModuleList([Stage(cur, cur, emb_dim, c.dropout, c.groups, True, c.head_channels, context_dim),
+        self.middle = nn.ModuleList([Stage(cur, cur, emb_dim, c.dropout, c.groups, c.middle_attention, c.head_channels, context_dim),
                                      Stage(cur, cur, emb_dim, c.dropout, c.groups, False, c.head_channels, context_dim)])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):
@@ -159,14 +173,19 @@ class UNet(nn.Module):
                     self.up.append(Upsample(cur))
                     resolution *= 2
         out_channels = c.out_channels * (2 if c.learn_sigma else 1)
-        self.out = nn.Sequential(norm(cur, c.groups), nn.SiLU(), zero(nn.Conv2d(cur, out_channels, 3, padding=1)))
+        self.out = nn.Sequential(norm(cur, c.groups), nn.SiLU(), zero(nn.Conv2d(cur, out_channels * area, 3, padding=1)))
 
     def hparams(self) -> dict:
         return asdict(self.config)
 
-    def conditioning(self, t, z_img, tokens, mask, drop_image, drop_text):
+    def conditioning(self, t, z_img, tokens, mask, drop_image, drop_text, aug_level=None):
         """(embedding added in every ResBlock, context tokens, which context tokens are visible)."""
         emb = self.time_mlp(timestep_embedding(t, self.config.channels))
+        if self.aug_mlp is not None:
+            if aug_level is None:
+                raise ValueError("this UNet embeds the low-res noise-augmentation level (aug_level_embed=true): pass "
+                                 "aug_level (B,), the training step the low-res image was noised to")
+            emb = emb + self.aug_mlp(timestep_embedding(aug_level, self.config.channels))
         if not self.config.embed_dim:
             return emb, None, None
         b = len(t)
@@ -183,12 +202,18 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, z_img: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, drop_image: torch.Tensor | None = None, drop_text: torch.Tensor | None = None,
-                lowres: torch.Tensor | None = None) -> torch.Tensor:
+                lowres: torch.Tensor | None = None, aug_level: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, C, H, W) noisy image; t: (B,) training steps; z_img: (B, D) scaled CLIP image embedding;
         tokens: (B, L, W) caption token states with mask (B, L); drop_*: (B,) bool, condition dropped (CFG);
-        lowres: (B, C, H, W) the upsampled low-resolution image (upsamplers)."""
-        emb, context, valid = self.conditioning(t, z_img, tokens, mask, drop_image, drop_text)
-        h = self.input(torch.cat([x, lowres], dim=1) if self.config.lowres_channels else x)
+        lowres: (B, C, H, W) the low-resolution image already upsampled to x's size (upsamplers);
+        aug_level: (B,) the training step ``lowres`` was noised to (nets with ``aug_level_embed``)."""
+        if self.config.lowres_channels and (lowres is None or lowres.shape[1:] != (self.config.lowres_channels, *x.shape[2:])):
+            got = None if lowres is None else tuple(lowres.shape)
+            raise ValueError(f"this UNet is an upsampler: lowres must be ({x.shape[0]}, {self.config.lowres_channels}, "
+                             f"{x.shape[2]}, {x.shape[3]}) (the low-res image upsampled to x's size), got {got}")
+        emb, context, valid = self.conditioning(t, z_img, tokens, mask, drop_image, drop_text, aug_level)
+        h = torch.cat([x, lowres], dim=1) if self.config.lowres_channels else x
+        h = self.input(F.pixel_unshuffle(h, self.config.patch_size) if self.config.patch_size > 1 else h)
         hs = [h]
         for layer in self.down:
             h = layer(h, emb, context, valid) if isinstance(layer, Stage) else layer(h)
@@ -197,4 +222,5 @@ class UNet(nn.Module):
             h = layer(h, emb, context, valid)
         for layer in self.up:
             h = layer(torch.cat([h, hs.pop()], dim=1), emb, context, valid) if isinstance(layer, Stage) else layer(h)
-        return self.out(h)
+        out = self.out(h)
+        return F.pixel_shuffle(out, self.config.patch_size) if self.config.patch_size > 1 else out

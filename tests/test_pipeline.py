@@ -1,0 +1,142 @@
+"""UnCLIPPipeline with tiny random stages: shapes, seed determinism, every mode, CLIP mismatch refused,
+save_pretrained / from_pretrained round trip."""
+
+import pytest
+import torch
+
+from test_decoder import tiny_unet_config
+from test_prior import DIFFUSION as PRIOR_DIFFUSION
+from test_prior import TINY_NET
+from unclip.modules.decoder import DecoderModule
+from unclip.modules.diffusion_prior import DiffusionPriorModule
+from unclip.pipeline import UnCLIPPipeline, slerp
+
+DECODER_DIFFUSION = dict(schedule="cosine", num_timesteps=100, prediction="eps")
+
+
+def save_stage(module, clip, path):
+    """A checkpoint as training publishes it: hyperparameters (with the CLIP identity) and weights."""
+    hparams = dict(module.hparams)
+    hparams["clip"] = clip.identity()
+    torch.save({"hyper_parameters": hparams, "state_dict": module.state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def clip(tiny_clip, tmp_path_factory):
+    """The tiny random CLIP saved to a file, as training publishes one, so stages can name it."""
+    from unclip.clip import FrozenCLIP, save_published
+
+    path = save_published(tiny_clip.model, tiny_clip.model_name, tmp_path_factory.mktemp("clip") / "tiny.pt")
+    return FrozenCLIP(pretrained=str(path))
+
+
+@pytest.fixture(scope="module")
+def stages(clip, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("stages")
+    torch.manual_seed(0)
+    prior = DiffusionPriorModule(TINY_NET, PRIOR_DIFFUSION, dict(kind="ddim", steps=4), clip=clip)
+    decoder = DecoderModule(tiny_unet_config(embed_dim=clip.embed_dim), DECODER_DIFFUSION,
+                            dict(kind="ddim", steps=4, clip_denoised=True), clip=clip)
+    for p in decoder.net.parameters():  # zero-initialised output layers would decode every z_i alike
+        if torch.all(p == 0):
+            torch.nn.init.normal_(p, std=0.05)
+    return {"prior": save_stage(prior, clip, folder / "prior.ckpt"),
+            "decoder": save_stage(decoder, clip, folder / "decoder.ckpt"), "folder": folder}
+
+
+@pytest.fixture(scope="module")
+def pipe(stages):
+    # no clip given: the pipeline rebuilds the CLIP from the decoder's identity (the published file)
+    return UnCLIPPipeline.from_checkpoints(decoder=stages["decoder"], prior=stages["prior"])
+
+
+def test_generate_shapes_and_seed_determinism(pipe, clip):
+    out = pipe.generate(["a red circle", "a blue star"], n=3, seed=7)
+    assert out.pixels.shape == (6, 3, 16, 16) and len(out.images) == 6
+    assert out.images[0].size == (16, 16) and out.images[0].mode == "RGB"
+    assert out.z_img.shape == (6, clip.embed_dim)
+    torch.testing.assert_close(out.z_img.norm(dim=-1), torch.ones(6))
+    again = pipe.generate(["a red circle", "a blue star"], n=3, seed=7)
+    torch.testing.assert_close(out.pixels, again.pixels)
+    other = pipe.generate(["a red circle", "a blue star"], n=3, seed=8)
+    assert not torch.allclose(out.pixels, other.pixels)
+    guided = pipe.generate(["a red circle"], n=1, seed=7, prior_guidance=3.0, decoder_guidance=2.0, prior_steps=2)
+    assert guided.pixels.shape == (1, 3, 16, 16)
+
+
+def test_variation_interpolation_and_text_diff(pipe):
+    image = pipe.generate(["a red circle"], seed=0).images[0]
+    other = pipe.generate(["a blue star"], seed=1).images[0]
+    varied = pipe.vary(image, n=3, seed=0)
+    assert varied.pixels.shape == (3, 3, 16, 16)
+    assert not torch.allclose(varied.pixels[0], varied.pixels[1])  # new noise per variation
+    kept = pipe.vary(image, n=2, seed=0, invert=True, eta=0.0)  # inverted latent, deterministic: identical rows
+    torch.testing.assert_close(kept.pixels[0], kept.pixels[1])
+    for invert in (False, True):
+        path = pipe.interpolate(image, other, k=4, seed=0, invert=invert)
+        assert path.pixels.shape == (4, 3, 16, 16)
+        z_a, z_b = pipe.image_embeddings(image), pipe.image_embeddings(other)
+        torch.testing.assert_close(path.z_img[0], z_a[0], atol=1e-5, rtol=1e-4)  # the path starts at a, ends at b
+        torch.testing.assert_close(path.z_img[-1], z_b[0], atol=1e-5, rtol=1e-4)
+    edit = pipe.text_diff(image, "a red circle", "a blue circle", k=3)
+    assert edit.pixels.shape == (3, 3, 16, 16)
+    torch.testing.assert_close(edit.z_img[0], pipe.image_embeddings(image)[0], atol=1e-5, rtol=1e-4)
+    mixed = pipe.mix([image, "a blue star"], weights=[0.5, 0.5], n=2)
+    assert mixed.pixels.shape == (2, 3, 16, 16)
+
+
+def test_slerp_is_spherical_and_hits_its_ends():
+    a, b = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1), torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    mid = slerp(a, b, 0.5)
+    torch.testing.assert_close(mid.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close((mid * a).sum(-1), (mid * b).sum(-1), atol=1e-5, rtol=1e-4)  # halfway in angle
+    torch.testing.assert_close(slerp(a, b, 0.0), a, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(slerp(a, a, 0.3), a, atol=1e-6, rtol=1e-5)  # parallel vectors do not blow up
+
+
+def test_a_stage_trained_with_another_clip_is_refused(stages, clip, tmp_path):
+    other = torch.load(stages["prior"], weights_only=True)
+    other["hyper_parameters"]["clip"] = {**clip.identity(), "sha256": "0" * 64}
+    torch.save(other, tmp_path / "other_prior.ckpt")
+    with pytest.raises(ValueError, match="share one CLIP|trained with CLIP"):
+        UnCLIPPipeline.from_checkpoints(decoder=stages["decoder"], prior=tmp_path / "other_prior.ckpt")
+
+
+def test_save_and_load_pretrained_round_trip(pipe, tmp_path, clip):
+    pipe.save_pretrained(tmp_path / "pipe")
+    loaded = UnCLIPPipeline.from_pretrained(tmp_path / "pipe")
+    assert loaded.clip.identity()["sha256"] == clip.identity()["sha256"]
+    torch.testing.assert_close(loaded.generate("a red circle", n=2, seed=3).pixels, pipe.generate("a red circle", n=2, seed=3).pixels)
+
+
+def compose_sample(overrides):
+    import os
+
+    from hydra import compose, initialize_config_dir
+
+    conf = os.path.join(os.path.dirname(__file__), "..", "conf")
+    with initialize_config_dir(config_dir=os.path.abspath(conf), version_base="1.3"):
+        return compose("sample", overrides=overrides)
+
+
+def test_sample_cli_writes_a_grid_and_settings_for_each_mode(stages, pipe, tmp_path):
+    import json
+
+    from PIL import Image
+
+    from unclip.sampling import sample
+
+    base = [f"prior={stages['prior']}", f"decoder={stages['decoder']}", f"out={tmp_path}", "progress=false"]
+    grid = sample(compose_sample(base + ["prompts=[a red circle,a blue star]", "n=3"]))
+    assert Image.open(grid).size == (3 * 18 + 2, 2 * 18 + 2)  # 3 per row, 2 rows of 16 px with 2 px padding
+    settings = json.loads(grid.with_suffix(".json").read_text())
+    assert settings["rows"] == ["a red circle", "a blue star"] and settings["prior"] == "diffusion_prior"
+    image = tmp_path / "input.png"
+    pipe.generate("a red circle").images[0].save(image)
+    for mode, extra in [("vary", ["n=2"]), ("interpolate", [f"images=[{image},{image}]", "k=3"]),
+                        ("text_diff", ["caption_from=a red circle", "caption_to=a blue circle", "k=3"])]:
+        images = [] if mode == "interpolate" else [f"images=[{image}]"]
+        assert sample(compose_sample(base + [f"mode={mode}", *images, *extra])).exists()
+    with pytest.raises(ValueError, match="needs 2 image"):
+        sample(compose_sample(base + ["mode=interpolate", f"images=[{image}]"]))
