@@ -2,7 +2,6 @@
 falls, ``upsample()``, and the CLI run with its PSNR/SSIM against bicubic."""
 
 import csv
-from pathlib import Path
 
 import pytest
 import torch
@@ -83,10 +82,12 @@ def test_a_residual_upsampler_diffuses_the_difference_to_bicubic_and_starts_ther
     images = shapes_batch(4)
     torch.manual_seed(0)
     pair = module.training_pair(images)
-    torch.testing.assert_close(pair["target"], pair["x0"] - resize(pair["lowres"], 16, "bicubic"), atol=1e-5, rtol=0)
-    module.eval()  # the untrained net outputs zeros (zero-initialised output layer): x0 residual 0 = bicubic
     lowres = module.lowres_of(images)
-    torch.testing.assert_close(module.upsample(lowres, generator=torch.Generator().manual_seed(0)), resize(lowres, 32, "bicubic"))
+    bicubic = resize(lowres, 32, "bicubic")
+    for i, (top, left) in enumerate(pair["offsets"].tolist()):
+        torch.testing.assert_close(pair["target"][i], pair["x0"][i] - bicubic[i, :, top:top + 16, left:left + 16])
+    module.eval()  # the untrained net outputs zeros (zero-initialised output layer): x0 residual 0 = bicubic
+    torch.testing.assert_close(module.upsample(lowres, generator=torch.Generator().manual_seed(0)), bicubic)
 
 
 # ----------------------------------------------------------------------------------- degradations
@@ -160,12 +161,31 @@ def test_loss_falls_on_a_tiny_run():
             return module.loss(batch).item()
 
     before = fixed_loss()
-    for _ in range(25):
+    for _ in range(15):
         loss = module.loss(batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     assert fixed_loss() < 0.5 * before
+
+
+# ---------------------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("model", ["upsampler_32_64", "upsampler_64_256", "upsampler_256_1024"])
+def test_upsampler_configs_are_consistent(model):
+    from hydra.utils import instantiate
+
+    from test_config import compose_train
+
+    cfg = compose_train(f"model={model}")
+    module = cfg.model.module
+    factor, levels = cfg.model.image_size // cfg.model.lowres_size, len(module.net.channel_mult)
+    assert cfg.model.image_size == factor * cfg.model.lowres_size == cfg.data.image_size and cfg.model.kind == "upsampler"
+    assert module.crop_size % factor == 0 and module.crop_size % 2 ** (levels - 1) == 0
+    assert not module.net.attention_resolutions and not module.net.middle_attention and not cfg.model.needs_clip
+    assert list(cfg.model.fields) == ["image"] and cfg.sampler.kind == "ddim"
+    degrade = instantiate(module.degradation)
+    out = degrade(torch.zeros(2, 3, 8, 8))
+    assert out.shape == (2, 3, 8, 8) and isinstance(degrade, BSRLite if model == "upsampler_256_1024" else GaussianBlur)
 
 
 # ------------------------------------------------------------------------------------------ CLI

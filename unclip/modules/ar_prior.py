@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from unclip.data import cache as cache_lib
 from unclip.embedding_tokens import EmbeddingTokenizer
-from unclip.modules.prior import PriorModule
+from unclip.modules.prior import PriorModule, with_text_width
 from unclip.nets.ar_transformer import ARTransformer, filter_logits
 
 log = logging.getLogger(__name__)
@@ -24,13 +24,8 @@ class ARPriorModule(PriorModule):
     def __init__(self, net: dict, tokenizer: dict, sampling: dict | None = None, cond_drop_prob: float = 0.1,
                  fit_rows: int = 100_000, clip=None, use_token_states: bool = True, val_pool: int = 1000,
                  optim: dict | None = None, seed: int = 0):
-        net = {**dict(net), "components": tokenizer["components"], "bins": tokenizer["bins"], "sim_bins": tokenizer["sim_bins"]}
-        if not use_token_states:
-            net["text_width"] = 0
-        elif clip is not None:
-            net["text_width"], net["max_text_tokens"] = clip.text_width, clip.context_length
-        elif not net.get("text_width"):
-            raise ValueError("use_token_states=true without a CLIP needs model.module.net.text_width (the cached token width)")
+        net = {**with_text_width(net, clip, use_token_states), "components": tokenizer["components"], "bins": tokenizer["bins"],
+               "sim_bins": tokenizer["sim_bins"]}
         super().__init__(net["embed_dim"], clip=clip, use_token_states=use_token_states, val_pool=val_pool, optim=optim, seed=seed)
         self.net = ARTransformer(net)
         self.tokenizer = EmbeddingTokenizer(net["embed_dim"], **tokenizer)

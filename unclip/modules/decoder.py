@@ -49,7 +49,8 @@ class DecoderModule(UnclipModule):
         self.val_store: dict[str, dict[str, list]] = {}
         # the project's attribute classifier (python -m unclip.attributes), when trained: scores decoded val
         # images against the attributes of the images whose z_i they decode
-        self.attribute_classifier_path, self.attribute_classifier = attribute_classifier, None
+        # (held in a plain dict: as a submodule it would land in every checkpoint)
+        self.attribute_classifier_path, self.evaluators = attribute_classifier, {}
 
     def trainable_parameters(self):
         return self.net.parameters()
@@ -60,11 +61,11 @@ class DecoderModule(UnclipModule):
     def on_fit_start(self) -> None:
         self.clip.to(self.device)
         path = self.attribute_classifier_path
-        if self.attribute_classifier is None and path:
+        if "attributes" not in self.evaluators and path:
             if Path(path).exists():
                 from unclip.attributes import load_classifier
 
-                self.attribute_classifier = load_classifier(path, self.device)
+                self.evaluators["attributes"] = load_classifier(path, self.device)
             else:
                 log.info("no attribute classifier at %s (train one with python -m unclip.attributes): "
                          "val/decoder/attr_acc is not logged", path)
@@ -168,12 +169,12 @@ class DecoderModule(UnclipModule):
             self.log(f"val/decoder/clip_sim_real{suffix}", (z_real * z_img).sum(-1).mean(), add_dataloader_idx=False)
             for attribute, value in zero_shot_attributes(encode_text, z_fake, store["meta"]).items():
                 self.log(f"val/decoder/zeroshot_{attribute}{suffix}", value, add_dataloader_idx=False)
-            if self.attribute_classifier is not None and all(m.get("objects") for m in store["meta"]):
+            if "attributes" in self.evaluators and all(m.get("objects") for m in store["meta"]):
                 from unclip.attributes import attribute_accuracy
 
                 objects = [m["objects"] for m in store["meta"]]
                 for name, images in (("", fake), ("_real", real)):  # _real: the classifier's ceiling at this size
-                    acc = attribute_accuracy(self.attribute_classifier, images, objects)["attr_acc"]
+                    acc = attribute_accuracy(self.evaluators["attributes"], images, objects)["attr_acc"]
                     self.log(f"val/decoder/attr_acc{name}{suffix}", acc, add_dataloader_idx=False)
             self.save_grid(real, fake, f"val{suffix}")
         self.val_store = {}

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from unclip.diffusion import GaussianDiffusion, Sampler, classifier_free_guidance
-from unclip.modules.prior import PriorModule
+from unclip.modules.prior import PriorModule, with_text_width
 from unclip.nets.prior_transformer import PriorTransformer, cat_prefix, repeat_prefix
 
 
@@ -19,13 +19,7 @@ class DiffusionPriorModule(PriorModule):
 
     def __init__(self, net: dict, diffusion: dict, sampler: dict, cond_drop_prob: float = 0.1, best_of: int = 2,
                  clip=None, use_token_states: bool = True, val_pool: int = 1000, optim: dict | None = None, seed: int = 0):
-        net = dict(net)
-        if not use_token_states:
-            net["text_width"] = 0
-        elif clip is not None:  # the text tower decides the token width and count
-            net["text_width"], net["max_text_tokens"] = clip.text_width, clip.context_length
-        elif not net.get("text_width"):
-            raise ValueError("use_token_states=true without a CLIP needs model.module.net.text_width (the cached token width)")
+        net = with_text_width(net, clip, use_token_states)
         super().__init__(net["embed_dim"], clip=clip, use_token_states=use_token_states, val_pool=val_pool,
                          optim=optim, seed=seed)
         self.net = PriorTransformer(net)

@@ -135,7 +135,8 @@ class UNet(nn.Module):
         context_dim = ch * max(c.channel_mult) if (c.embed_dim or c.text_width) else 0
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         # the augmentation level is a training step of the same diffusion: embedded like t, by its own MLP
-        self.aug_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)) if c.aug_level_embed else None
+        self.aug_mlp = (nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+                        if c.aug_level_embed else None)
         if c.embed_dim:
             self.image_embed_to_time = nn.Linear(c.embed_dim, emb_dim)                      # unCLIP §2.1: added to t
             self.image_embed_to_tokens = nn.Linear(c.embed_dim, c.context_tokens * context_dim)  # 4 extra tokens
@@ -161,7 +162,8 @@ class UNet(nn.Module):
                 self.down.append(Downsample(cur))
                 skips.append(cur)
                 resolution //= 2
-        self.middle = nn.ModuleList([Stage(cur, cur, emb_dim, c.dropout, c.groups, c.middle_attention, c.head_channels, context_dim),
+        self.middle = nn.ModuleList([Stage(cur, cur, emb_dim, c.dropout, c.groups, c.middle_attention, c.head_channels,
+                                           context_dim),
                                      Stage(cur, cur, emb_dim, c.dropout, c.groups, False, c.head_channels, context_dim)])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):
