@@ -84,8 +84,8 @@ def baseline_rows(pools: dict, cache_dir: str) -> list[dict]:
     return list(rows.values())
 
 
+@torch.no_grad()
 def run(cfg: DictConfig) -> list[dict]:
-    torch.set_grad_enabled(False)
     torch.manual_seed(int(cfg.seed))  # as train.py does before building the CLIP (random-weight CLIPs match too)
     clip = instantiate(cfg.clip, _convert_="all")  # the run's CLIP; load() refuses a prior trained with another
     specs = [cfg.prior] if cfg.mode == "prior" else list(cfg.priors)

@@ -66,12 +66,12 @@ def save_grid(pixels: torch.Tensor, per_row: int, path: Path) -> Path:
 
 def sample(cfg: DictConfig) -> Path:
     check(cfg)
-    torch.set_grad_enabled(False)
     pipe = build_pipeline(cfg)
     for stage in (pipe.prior, pipe.decoder, *pipe.upsamplers):
         if getattr(stage, "sampler", None) is not None:
             stage.sampler.progress = bool(cfg.progress)  # a bar per diffusion loop
-    out, per_row, rows = run_mode(pipe, cfg)
+    with torch.no_grad():
+        out, per_row, rows = run_mode(pipe, cfg)
     kind = pipe.prior.kind if (pipe.prior is not None and cfg.mode == "generate") else "decoder"
     stem = cfg.name or f"{cfg.mode}_{kind}_seed{cfg.seed}"
     grid = save_grid(out.pixels, per_row, Path(cfg.out) / f"{stem}.png")
