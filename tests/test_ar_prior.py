@@ -9,6 +9,7 @@ from unclip.data import cache as cache_lib
 from unclip.embedding_tokens import EmbeddingTokenizer
 from unclip.modules.ar_prior import ARPriorModule
 from unclip.nets.ar_transformer import ARTransformer, filter_logits
+from helpers import train_steps
 
 TOKENIZER = dict(components=16, bins=64, sim_bins=8, mode="quantile")
 
@@ -109,11 +110,7 @@ def test_ar_prior_loss_falls_and_samples(shapes_dir, cache_dir, tiny_clip):
     module.eval()
     before = module.loss(batch).item()
     module.train()
-    for _ in range(40):
-        loss = module.loss(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_steps(module, batch, optimizer, 40)
     module.eval()
     assert module.loss(batch).item() < 0.6 * before
     cond = module.condition(batch)

@@ -9,6 +9,7 @@ from test_prior import prior_datamodule
 from unclip.loading import load
 from unclip.modules.contrastive_prior import ContrastivePriorModule, cat_tokens
 from unclip.modules.ema import NetEMA
+from helpers import train_steps
 
 TINY_NET = dict(embed_dim=128, text_width=None, max_text_tokens=32, dim=32, depth=2, heads=2)
 OPTIM = {"optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 3e-3}, "warmup_steps": 0, "schedule": "constant"}
@@ -35,11 +36,7 @@ def test_loss_falls_on_a_fixed_batch(shapes_dir, cache_dir, tiny_clip):
     module.eval()  # no caption dropout: the same loss before and after
     before = module.loss(batch).item()
     module.train()
-    for _ in range(40):
-        loss = module.loss(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_steps(module, batch, optimizer, 40)
     module.eval()
     assert module.loss(batch).item() < 0.6 * before
     # the learnable temperature is trained too

@@ -10,6 +10,7 @@ import torch.nn as nn
 from test_train_cli import common, run_cli
 from unclip.modules.decoder import DecoderModule
 from unclip.nets.unet import UNet
+from helpers import train_steps
 
 DIFFUSION = dict(schedule="cosine", num_timesteps=100, prediction="eps")
 SAMPLER = dict(kind="ddim", steps=5, clip_denoised=True)
@@ -114,11 +115,7 @@ def test_tiny_decoder_overfits_a_few_images(tiny_clip):
             return module.loss(batch).item()
 
     before = fixed_loss()
-    for _ in range(150):
-        loss = module.loss(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_steps(module, batch, optimizer, 150)
     assert fixed_loss() < 0.3 * before
 
 

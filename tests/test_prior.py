@@ -10,6 +10,7 @@ from unclip.metrics import fit_linear_map, prior_metrics
 from unclip.modules.diffusion_prior import DiffusionPriorModule
 from unclip.modules.ema import NetEMA
 from unclip.nets.prior_transformer import PriorTransformer, repeat_prefix
+from helpers import train_steps
 
 TINY_NET = dict(embed_dim=128, text_width=None, max_text_tokens=32, dim=32, depth=2, heads=2)
 DIFFUSION = dict(schedule="cosine", num_timesteps=100, prediction="x0")
@@ -103,11 +104,7 @@ def test_prior_loss_falls_on_a_fixed_batch(shapes_dir, cache_dir, tiny_clip, pre
             return module.loss(batch)
 
     before = fixed_loss().item()
-    for _ in range(40 if prediction == "x0" else 100):
-        loss = module.loss(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_steps(module, batch, optimizer, 40 if prediction == "x0" else 100)
     # eps is the slower target for the prior (the paper predicts x0): a fall, not a collapse
     assert fixed_loss().item() < (0.6 if prediction == "x0" else 0.96) * before
 

@@ -10,6 +10,7 @@ from test_decoder import randomise_zero_layers
 from test_train_cli import common, run_cli
 from unclip.degradations import JPEG, BSRLite, GaussianBlur, GaussianNoise, RandomOrder, resize
 from unclip.modules.upsampler import UpsamplerModule
+from helpers import train_steps
 
 DIFFUSION = dict(schedule="cosine", num_timesteps=100, prediction="eps")
 SAMPLER = dict(kind="ddim", steps=4, clip_denoised=True)
@@ -161,11 +162,7 @@ def test_loss_falls_on_a_tiny_run():
             return module.loss(batch).item()
 
     before = fixed_loss()
-    for _ in range(15):
-        loss = module.loss(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_steps(module, batch, optimizer, 15)
     assert fixed_loss() < 0.5 * before
 
 
