@@ -69,9 +69,8 @@ def test_embeddings_only_path_never_decodes_an_image(shapes_dir, cache_dir, monk
                                 cache_dir=cache_dir, batch_size=16, embed_dim=128)
     dm.setup()
     opened = []
-    original = dm_lib.cache_lib.wds.tariterators.tarfile_samples
-    monkeypatch.setattr(dm_lib.cache_lib.wds.tariterators, "tarfile_samples",
-                        lambda src, **kw: (opened.extend(s["url"] for s in src), original(src, **kw))[1])
+    original = dm_lib.cache_lib.tar_samples
+    monkeypatch.setattr(dm_lib.cache_lib, "tar_samples", lambda url, handler: (opened.append(url), original(url, handler))[1])
     batches = list(dm.train_dataloader())
     assert batches and batches[0]["img_emb"].shape == (16, 128) and batches[0]["txt_emb"].dtype == torch.float32
     assert opened and all(url.startswith(str(cache_dir)) for url in opened)

@@ -107,3 +107,38 @@ def test_clip_retrieval_partitions_ingest_and_join_by_key(cache_dir, shapes_dir,
                                     batch_size=8)
     priors.setup()
     assert sorted(k for b in priors.train_dataloader() for k in b["key"]) == sorted(keys)
+
+
+def test_memory_mapped_and_streamed_cache_reads_agree(tmp_path):
+    from unclip.data.cache import iter_chunks, load_npy, mapped_tar_samples, npy_bytes, write_cache_shard
+
+    rng = np.random.default_rng(0)
+    rows = {"img_emb": rng.standard_normal((10, 6)), "txt_emb": rng.standard_normal((10, 6))}
+    keys = [f"k{i}" for i in range(10)]
+    shard = tmp_path / "s.tar"
+    write_cache_shard(shard, rows, keys, [f"caption {i}" for i in range(10)], chunk_size=4)
+    fields = ("img_emb", "txt_emb")
+    mapped = list(iter_chunks(str(shard), fields, wds.reraise_exception))
+    streamed = list(iter_chunks(f"pipe:cat {shard}", fields, wds.reraise_exception))
+    assert [len(c) for c in mapped] == [4, 4, 2] and [c.keys for c in mapped] == [c.keys for c in streamed]
+    for a, b in zip(mapped, streamed):
+        assert a.captions == b.captions
+        for field in fields:
+            assert np.array_equal(a.arrays[field], b.arrays[field]) and a.arrays[field].dtype == np.float16
+    assert isinstance(mapped_tar_samples(str(shard))[0]["img_emb.npy"], memoryview)  # read in place, not copied
+    fortran = np.asfortranarray(rng.standard_normal((3, 5)).astype(np.float32))
+    assert np.array_equal(load_npy(memoryview(npy_bytes(fortran))), fortran)
+
+
+def test_a_truncated_cache_shard_is_reported_not_silently_shortened(tmp_path):
+    from unclip.data.cache import iter_chunks, write_cache_shard
+
+    shard = tmp_path / "s.tar"
+    write_cache_shard(shard, {"img_emb": np.ones((8, 4))}, [f"k{i}" for i in range(8)], [""] * 8, chunk_size=4)
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])  # cut inside the second chunk
+    with pytest.raises(Exception):
+        list(iter_chunks(str(shard), ("img_emb",), wds.reraise_exception))
+    skipped = []
+    chunks = list(iter_chunks(str(shard), ("img_emb",), lambda exn: skipped.append(exn) or True))
+    assert skipped and sum(len(c) for c in chunks) < 8

