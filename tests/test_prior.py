@@ -167,3 +167,17 @@ def test_ema_warmup_follows_early_and_settles_at_decay():
     averaged = [torch.zeros(3)]
     update(averaged, current, torch.tensor(10_000))  # late: the configured decay
     torch.testing.assert_close(averaged[0], torch.full((3,), 0.01))
+
+
+def test_a_block_computing_only_its_last_positions_matches_the_full_block():
+    from unclip.nets.layers import Block, causal_mask
+
+    torch.manual_seed(0)
+    block = Block(32, 4).eval()
+    x = torch.randn(3, 7, 32)
+    mask = causal_mask(torch.arange(7)[None] < torch.tensor([7, 4, 5])[:, None], 7)
+    full, (k_full, _) = block(x, mask)
+    last, (k_last, _) = block(x, mask, last=2)
+    assert last.shape == (3, 2, 32)
+    torch.testing.assert_close(last, full[:, -2:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k_last, k_full)

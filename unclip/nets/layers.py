@@ -36,14 +36,22 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, past: tuple | None = None):
-        """x: (B, S, C); mask: bool (B, 1, S, S_past + S), True = may attend; past: cached (k, v)."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, past: tuple | None = None, last: int | None = None):
+        """x: (B, S, C); mask: bool (B, 1, S, S_past + S), True = may attend; past: cached (k, v).
+        ``last``: only the last ``last`` positions query (keys and values still come from all of x)."""
         b, s, c = x.shape
-        q, k, v = self.qkv(x).view(b, s, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        if last is None:
+            q, k, v = self.qkv(x).view(b, s, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        else:
+            w_q, w_kv = self.qkv.weight.split([c, 2 * c])
+            b_q, b_kv = self.qkv.bias.split([c, 2 * c])
+            q = F.linear(x[:, -last:], w_q, b_q).view(b, last, self.heads, c // self.heads).transpose(1, 2)
+            k, v = F.linear(x, w_kv, b_kv).view(b, s, 2, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+            mask = None if mask is None else mask[..., -last:, :]
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(b, s, c)), (k, v)
+        return self.proj(y.transpose(1, 2).reshape(b, q.shape[2], c)), (k, v)
 
 
 class Block(nn.Module):
@@ -55,9 +63,11 @@ class Block(nn.Module):
         self.attn = SelfAttention(dim, heads, dropout)
         self.mlp = nn.Sequential(nn.Linear(dim, ff_mult * dim), nn.GELU(), nn.Linear(ff_mult * dim, dim), nn.Dropout(dropout))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, past: tuple | None = None):
-        y, kv = self.attn(self.ln1(x), mask, past)
-        x = x + y
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, past: tuple | None = None, last: int | None = None):
+        """``last``: compute outputs only for the last ``last`` positions (a final block whose other outputs
+        nobody reads skips their attention output, projection and MLP)."""
+        y, kv = self.attn(self.ln1(x), mask, past, last)
+        x = (x if last is None else x[:, -last:]) + y
         return x + self.mlp(self.ln2(x)), kv
 
 

@@ -93,8 +93,9 @@ class PriorTransformer(nn.Module):
         h = torch.cat([prefix, self.suffix_tokens(z_noisy, t)], dim=1)
         valid = torch.cat([valid, torch.ones(len(h), 3, dtype=torch.bool, device=h.device)], dim=1)
         attn_mask = causal_mask(valid, h.shape[1])
-        for block in self.blocks:
-            h, _ = block(h, attn_mask)
+        for index, block in enumerate(self.blocks):
+            # only the query's output is read, so the last block computes that one position (~1/depth saved)
+            h, _ = block(h, attn_mask, last=1 if index == len(self.blocks) - 1 else None)
         return self.out(self.ln_f(h[:, -1]))
 
     def encode_prefix(self, z_txt: torch.Tensor, tokens: torch.Tensor | None = None, mask: torch.Tensor | None = None,
