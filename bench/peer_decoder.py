@@ -7,6 +7,7 @@ attention below full resolution, z_i conditioning (tokens + time), fixed varianc
 """
 
 import json
+import resource
 import sys
 import time
 
@@ -37,7 +38,8 @@ def main(cfg: dict) -> None:
             loss.backward()
             optimizer.step()
         rates.append(cfg.get("steps", 3) / (time.perf_counter() - start))
-    print(json.dumps({"steps_per_s": max(rates), "params": sum(p.numel() for p in unet.parameters())}))
+    print(json.dumps({"steps_per_s": max(rates), "params": sum(p.numel() for p in unet.parameters()),
+                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ prior trained from a cache sees them.
 """
 
 import json
+import resource
 import sys
 import time
 
@@ -40,7 +41,8 @@ def main(cfg: dict) -> None:
             loss.backward()
             optimizer.step()
         rates.append(cfg.get("steps", 3) / (time.perf_counter() - start))
-    print(json.dumps({"steps_per_s": max(rates), "params": sum(p.numel() for p in net.parameters())}))
+    print(json.dumps({"steps_per_s": max(rates), "params": sum(p.numel() for p in net.parameters()),
+                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
 if __name__ == "__main__":

@@ -123,17 +123,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-vit", action="store_true", help="skip the ViT-B-32 embed benchmark")
     parser.add_argument("--only", choices=["data", "prior", "decoder"], help="run one section")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for ours and the peer alike")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     rows = []
     if args.only in (None, "prior"):
         from bench import prior
 
-        rows += prior.rows() + prior.precision_rows()
+        rows += prior.rows(args.threads) + prior.precision_rows()
     if args.only in (None, "decoder"):
         from bench import decoder
 
-        rows += decoder.rows()
+        rows += decoder.rows(threads=args.threads)
     if args.only in ("prior", "decoder"):
         return report(rows, RESULTS.with_name(f"results_{args.only}.md"))
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -29,11 +30,22 @@ def train_steps_per_s(module, batch: dict, steps: int = 3, repeats: int = 2) -> 
     return {"steps_per_s": max(rates), "params": sum(p.numel() for p in module.net.parameters())}
 
 
+def last_json_line(command: list[str], cwd: Path | None = None) -> dict:
+    result = subprocess.run(command, capture_output=True, text=True, cwd=cwd)
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(command[:3])} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def ours_steps_per_s(section: str, cfg: dict, steps: int = 3, repeats: int = 2) -> dict:
+    """Our training step for ``section`` (prior | decoder) timed in a fresh process (``bench.worker``)."""
+    return last_json_line([sys.executable, "-m", "bench.worker", section, json.dumps({**cfg, "steps": steps, "repeats": repeats})],
+                          cwd=Path(__file__).resolve().parents[1])
+
+
 def peer_steps_per_s(script: str, cfg: dict, steps: int = 3, repeats: int = 2) -> dict | None:
     """Runs ``bench/SCRIPT`` in the peer's own venv (``make bench`` builds it); None when that venv is missing."""
     if not PEER_PYTHON.exists():
         return None
-    result = subprocess.run([str(PEER_PYTHON), str(Path(__file__).parent / script),
-                             json.dumps({**cfg, "steps": steps, "repeats": repeats})],
-                            capture_output=True, text=True, check=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return last_json_line([str(PEER_PYTHON), str(Path(__file__).parent / script),
+                           json.dumps({**cfg, "steps": steps, "repeats": repeats})])

@@ -1,0 +1,36 @@
+"""Runs one of our training-step benchmarks in a fresh process, so the peak memory it reports is its own
+(the peer's scripts do the same in their venv).
+
+    python -m bench.worker prior '{"dim": 512, "depth": 6, "heads": 8, "batch": 64, "tokens": 77}'
+
+Prints one JSON line: steps/s, parameter count, peak resident memory in MiB.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+
+import torch
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main(section: str, cfg: dict) -> None:
+    torch.set_num_threads(cfg.get("threads", 2))
+    if section == "prior":
+        from bench.prior import ours
+    elif section == "decoder":
+        from bench.decoder import ours
+    else:
+        raise SystemExit(f"bench.worker: unknown section {section!r} (prior | decoder)")
+    result = ours(cfg, cfg.get("steps", 3), cfg.get("repeats", 2))
+    print(json.dumps({**result, "peak_rss_mib": peak_rss_mib()}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], json.loads(sys.argv[2]))
