@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.timing import ours_steps_per_s, peer_steps_per_s, train_steps_per_s
+from bench.timing import comparison_rows, ours_steps_per_s, peer_steps_per_s, train_steps_per_s
 from unclip.modules.decoder import DecoderModule
 
 CONFIG = {"size": 64, "batch": 8, "dim": 64, "mults": [1, 2, 3, 4], "embed_dim": 512}
@@ -37,13 +37,5 @@ def peer(cfg: dict, steps: int = 3, repeats: int = 2) -> dict | None:
 def rows(cfg: dict = CONFIG, threads: int = 2) -> list[tuple[str, str, str]]:
     cfg = {**cfg, "threads": threads}
     label = f"{cfg['size']} px, batch {cfg['batch']}, width {cfg['dim']}, mults {cfg['mults']}"
-    mine, other = ours_steps_per_s("decoder", cfg), peer(cfg)
-    out = [(f"decoder train step, ours ({label}, fp32)", f"{mine['steps_per_s']:.3f} steps/s",
-            f"{mine['params'] / 1e6:.1f}M params; peak RSS {mine['peak_rss_mib']:,.0f} MiB")]
-    if other:
-        out.append((f"dalle2-pytorch Unet + Decoder ({label}, fp32)", f"{other['steps_per_s']:.3f} steps/s",
-                    f"{other['params'] / 1e6:.1f}M params; peak RSS {other['peak_rss_mib']:,.0f} MiB; "
-                    f"ours is **{mine['steps_per_s'] / other['steps_per_s']:.2f}x**"))
-    else:
-        out.append(("dalle2-pytorch Unet + Decoder", "not measured", "bench/.venv-peer missing: run `make bench`"))
-    return out
+    return comparison_rows("decoder train step", "dalle2-pytorch Unet + Decoder", label,
+                           ours_steps_per_s("decoder", cfg), peer(cfg))

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from bench.timing import ours_steps_per_s, peer_steps_per_s, train_steps_per_s
+from bench.timing import comparison_rows, ours_steps_per_s, peer_steps_per_s, train_steps_per_s
 from unclip.modules.diffusion_prior import DiffusionPriorModule
 
 PAPER_LIKE = {"dim": 512, "depth": 6, "heads": 8, "batch": 64, "tokens": 77}
@@ -49,17 +49,8 @@ def compare(cfg: dict) -> list[tuple[str, str, str]]:
     label = f"dim {cfg['dim']}, depth {cfg['depth']}, batch {cfg['batch']}, {cfg['tokens']} tokens"
     if cfg.get("lengths"):
         label += f" of which {cfg['lengths'][0]}-{cfg['lengths'][1]} real"
-    mine = ours_steps_per_s("prior", cfg)
-    other = peer(cfg)
-    out = [(f"diffusion prior train step, ours ({label}, fp32)", f"{mine['steps_per_s']:.3f} steps/s",
-            f"{mine['params'] / 1e6:.1f}M params; peak RSS {mine['peak_rss_mib']:,.0f} MiB")]
-    if other:
-        out.append((f"dalle2-pytorch DiffusionPrior ({label}, fp32)", f"{other['steps_per_s']:.3f} steps/s",
-                    f"{other['params'] / 1e6:.1f}M params; peak RSS {other['peak_rss_mib']:,.0f} MiB; "
-                    f"ours is **{mine['steps_per_s'] / other['steps_per_s']:.2f}x**"))
-    else:
-        out.append(("dalle2-pytorch DiffusionPrior", "not measured", "bench/.venv-peer missing: run `make bench`"))
-    return out
+    return comparison_rows("diffusion prior train step", "dalle2-pytorch DiffusionPrior", label,
+                           ours_steps_per_s("prior", cfg), peer(cfg))
 
 
 def matmul_gflops(dtype: torch.dtype, m: int = 2048, k: int = 512, n: int = 2048, repeats: int = 3) -> float:

@@ -49,3 +49,14 @@ def peer_steps_per_s(script: str, cfg: dict, steps: int = 3, repeats: int = 2) -
         return None
     return last_json_line([str(PEER_PYTHON), str(Path(__file__).parent / script),
                            json.dumps({**cfg, "steps": steps, "repeats": repeats})])
+
+
+def comparison_rows(what: str, peer_name: str, label: str, mine: dict, other: dict | None) -> list[tuple[str, str, str]]:
+    """Our row and the peer's for one training-step benchmark, with the ratio on the peer's row."""
+    out = [(f"{what}, ours ({label}, fp32)", f"{mine['steps_per_s']:.3f} steps/s",
+            f"{mine['params'] / 1e6:.1f}M params; peak RSS {mine['peak_rss_mib']:,.0f} MiB")]
+    if other is None:
+        return out + [(peer_name, "not measured", "bench/.venv-peer missing: run `make bench`")]
+    return out + [(f"{peer_name} ({label}, fp32)", f"{other['steps_per_s']:.3f} steps/s",
+                   f"{other['params'] / 1e6:.1f}M params; peak RSS {other['peak_rss_mib']:,.0f} MiB; "
+                   f"ours is **{mine['steps_per_s'] / other['steps_per_s']:.2f}x**")]
