@@ -122,7 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-vit", action="store_true", help="skip the ViT-B-32 embed benchmark")
-    parser.add_argument("--only", choices=["data", "prior", "decoder"], help="run one section")
+    parser.add_argument("--only", choices=["data", "prior", "decoder", "sampling"], help="run one section")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for ours and the peer alike")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -135,7 +135,11 @@ def main() -> None:
         from bench import decoder
 
         rows += decoder.rows(threads=args.threads)
-    if args.only in ("prior", "decoder"):
+    if args.only in (None, "sampling"):
+        from bench import sampling
+
+        rows += sampling.rows()
+    if args.only in ("prior", "decoder", "sampling"):
         return report(rows, RESULTS.with_name(f"results_{args.only}.md"))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

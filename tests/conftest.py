@@ -10,7 +10,9 @@ import torch
 
 from unclip.data.shapes import ShapesConfig, write_shapes
 
-torch.set_num_threads(2)
+# two threads on this 2-core machine, unless the caller asked for fewer (a shared machine: two threads
+# contending for one free core make the diffusion loops many times slower)
+torch.set_num_threads(min(2, int(os.environ.get("OMP_NUM_THREADS") or 2)))
 
 
 @pytest.fixture(scope="session")

@@ -5,13 +5,18 @@ validation (``val/prior/*``), several sampling settings per prior, and the two b
     python -m unclip.evaluate mode=compare priors=[diffusion,ar]   # or checkpoint paths
 
 Writes ``results.csv``, ``results.md`` and ``cost.png`` (cos_true against seconds per 1,000 samples) to
-``out`` and prints the table.
+``out`` and prints the table. The image-level modes live in :mod:`unclip.leaderboard`:
+
+    python -m unclip.evaluate mode=images prior=diffusion decoder=decoder n=2
+    python -m unclip.evaluate leaderboard priors=[diffusion,ar,contrastive]   # a bare first word is the mode
+    python -m unclip.evaluate mode=steps prior=diffusion decoder=decoder
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +32,7 @@ from unclip.metrics import baseline_predictions, prior_metrics
 
 log = logging.getLogger(__name__)
 SPLITS = {"val": "", "val_unseen": "_unseen"}
+MODES = ("prior", "compare", "images", "leaderboard", "steps")
 COLUMNS = ("cos_true", "cos_text", "cos_unrelated", "cos_text_minus_baseline", "retrieval_top1")
 
 
@@ -86,11 +92,16 @@ def baseline_rows(pools: dict, cache_dir: str) -> list[dict]:
 
 @torch.no_grad()
 def run(cfg: DictConfig) -> list[dict]:
+    if cfg.mode not in MODES:
+        raise ValueError(f"unknown evaluate mode {cfg.mode!r}; choose among {', '.join(MODES)}")
     torch.manual_seed(int(cfg.seed))  # as train.py does before building the CLIP (random-weight CLIPs match too)
     clip = instantiate(cfg.clip, _convert_="all")  # the run's CLIP; load() refuses a prior trained with another
+    if cfg.mode in ("images", "leaderboard", "steps"):
+        from unclip import leaderboard
+
+        return {"images": leaderboard.run_images, "leaderboard": leaderboard.run_leaderboard,
+                "steps": leaderboard.run_steps}[cfg.mode](cfg, clip)
     specs = [cfg.prior] if cfg.mode == "prior" else list(cfg.priors)
-    if cfg.mode not in ("prior", "compare"):
-        raise ValueError(f"evaluate mode must be 'prior' or 'compare', got {cfg.mode!r}")
     datamodule = instantiate(cfg.data, _convert_="all", train=cfg.data.val, batch_size=cfg.data.val_batch_size)
     pools = val_pool(datamodule, int(cfg.pool))
     rows = baseline_rows(pools, cfg.data.cache_dir)
@@ -145,10 +156,21 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def mode_word_as_override(argv: list[str]) -> list[str]:
+    """``python -m unclip.evaluate leaderboard ...`` -> ``... mode=leaderboard ...``: a bare first argument
+    (no ``=``, not a flag) names the mode; Hydra itself would reject it."""
+    if len(argv) < 2 or "=" in argv[1] or argv[1].startswith(("-", "+", "~")):
+        return list(argv)
+    if argv[1] not in MODES:
+        raise SystemExit(f"unknown evaluate mode {argv[1]!r}; choose among {', '.join(MODES)} (or pass mode=...)")
+    return [argv[0], f"mode={argv[1]}", *argv[2:]]
+
+
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 
 
 if __name__ == "__main__":
+    sys.argv = mode_word_as_override(sys.argv)
     main()

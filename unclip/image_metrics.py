@@ -157,3 +157,18 @@ def inception_metrics(real: torch.Tensor, fake: torch.Tensor, weights: str | Pat
         metric.update(to_u8(fake), real=False)
     kid_mean, kid_std = kid.compute()
     return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
+
+
+# ------------------------------------------------------------------------- per-image CLIP scores
+
+
+@torch.no_grad()
+def clip_scores(clip, images: torch.Tensor, prompts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    """(N,) CLIP scores ``100 * max(cos, 0)`` of images (N, 3, H, W) in [-1, 1] against their prompts,
+    one per image, so that callers can average them over any subset (e.g. seen / unseen prompts)."""
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+    scores = [clip_score_embeddings(clip.encode_image(images[i:i + batch_size]),
+                                    clip.encode_text(list(prompts[i:i + batch_size])).z_txt).cpu()
+              for i in range(0, len(images), batch_size)]
+    return torch.cat(scores) if scores else torch.zeros(0)
