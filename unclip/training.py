@@ -198,4 +198,17 @@ def fit(cfg: DictConfig) -> dict:
         path = artifact_path(cfg)
         module.publish(path)
         log.info("published %s", path)
-    return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    finish_wandb(trainer)
+    return metrics
+
+
+def finish_wandb(trainer: pl.Trainer) -> None:
+    """Closes the wandb run before returning: Lightning leaves it to an exit hook, and a sweep job (Hydra
+    multirun, submitit) can return, or start the next job in the same process, before that hook has
+    flushed the run's history to disk."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero and logger._experiment is not None:
+            logger.experiment.finish()
