@@ -155,6 +155,15 @@ def test_validation_and_checkpoints_use_ema_weights(shapes_dir, cache_dir, tiny_
     assert state["hyper_parameters"]["net"]["text_width"] == tiny_clip.text_width
     assert "clip" in state["hyper_parameters"] and "img_mean" in state["state_dict"]
     assert not any(k.startswith("clip") for k in state["state_dict"])  # the frozen CLIP is named, not stored
+    # resuming the finished run (as publishing it later does) trains nothing and still ends on the EMA weights
+    state["current_model_state"] = {k: v + 1 if k.startswith("net.") and v.is_floating_point() else v
+                                    for k, v in state["current_model_state"].items()}  # raw weights != EMA
+    torch.save(state, path)
+    resumed = tiny_module(tiny_clip)
+    trainer = pl.Trainer(max_steps=6, callbacks=[NetEMA(decay=0.9)], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, num_sanity_val_steps=0, default_root_dir=str(tmp_path), accelerator="cpu")
+    trainer.fit(resumed, datamodule=prior_datamodule(shapes_dir, cache_dir), ckpt_path=path, weights_only=True)
+    torch.testing.assert_close(resumed.net.out.weight, averaged)
 
 
 def test_ema_warmup_follows_early_and_settles_at_decay():

@@ -74,7 +74,11 @@ class NetEMA(Callback):
             self.swap(pl_module)
 
     @torch.no_grad()
-    def on_train_end(self, trainer, pl_module) -> None:
+    def on_fit_end(self, trainer, pl_module) -> None:
+        # on_fit_end, not on_train_end: resuming a run that already reached max_steps skips the training
+        # loop and its hooks, and would then publish the raw weights
+        if self.average is None:
+            return
         for averaged, current in self._pairs(pl_module):
             current.data.copy_(averaged.data)
 
