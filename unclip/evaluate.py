@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Sequence
 
 import hydra
 import torch
@@ -36,11 +38,11 @@ MODES = ("prior", "compare", "images", "leaderboard", "steps")
 COLUMNS = ("cos_true", "cos_text", "cos_unrelated", "cos_text_minus_baseline", "retrieval_top1")
 
 
-def val_pool(datamodule, pool: int) -> dict[str, list[dict]]:
+def val_pool(datamodule, pool: int, splits=tuple(SPLITS)) -> dict[str, list[dict]]:
     """The first ``pool`` rows of each val split, as batches (exact mode: always the same rows)."""
     datamodule.setup()
     out = {}
-    for split in SPLITS:
+    for split in splits:
         if split not in datamodule.datasets:
             continue
         batches, rows = [], 0
@@ -119,17 +121,34 @@ def run(cfg: DictConfig) -> list[dict]:
 def write(rows: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     keys = ["prior", "settings", "s_per_1k"] + [f"{c}{s}" for s in SPLITS.values() for c in COLUMNS]
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+    write_csv(rows, keys, out / "results.csv")
+    table = markdown(rows, keys, lambda v: f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v)))
+    (out / "results.md").write_text(table)
+    print(table, end="")
+    plot(rows, out / "cost.png")
+
+
+def cell(value) -> str:
+    """A table cell: "-" for a missing number, 3 decimals below 100 and 1 above."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.1f}" if abs(value) >= 100 else f"{value:.3f}"
+    return str(value)
+
+
+def markdown(rows: list[dict], keys: Sequence[str], fmt: Callable = cell) -> str:
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: list[dict], keys: Sequence[str], path: Path) -> None:
+    """The rows' ``keys`` (missing ones and None as empty cells)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(keys), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    def cell(v):
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(cell(r.get(k, "")) for k in keys) + " |" for r in rows]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    plot(rows, out / "cost.png")
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -43,17 +43,22 @@ def clip_score_embeddings(z_img: torch.Tensor, z_txt: torch.Tensor) -> torch.Ten
 
 
 @torch.no_grad()
-def clip_score(clip, images: torch.Tensor, prompts: Sequence[str], batch_size: int = 256) -> float:
-    """Mean CLIP score of images (N, 3, H, W) in [-1, 1] against their prompts (N strings), with the
-    run's FrozenCLIP (any resolution: it resizes to its own)."""
+def clip_scores(clip, images: torch.Tensor, prompts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    """(N,) CLIP scores ``100 * max(cos, 0)`` of images (N, 3, H, W) in [-1, 1] against their prompts (N
+    strings), one per image so callers can average over any subset, with the run's FrozenCLIP (any
+    resolution: it resizes to its own)."""
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
-    scores = []
-    for start in range(0, len(images), batch_size):
-        z_img = clip.encode_image(images[start:start + batch_size])
-        z_txt = clip.encode_text(list(prompts[start:start + batch_size])).z_txt
-        scores.append(clip_score_embeddings(z_img, z_txt).cpu())
-    return float(torch.cat(scores).mean()) if scores else float("nan")
+    scores = [clip_score_embeddings(clip.encode_image(images[i:i + batch_size]),
+                                    clip.encode_text(list(prompts[i:i + batch_size])).z_txt).cpu()
+              for i in range(0, len(images), batch_size)]
+    return torch.cat(scores) if scores else torch.zeros(0)
+
+
+def clip_score(clip, images: torch.Tensor, prompts: Sequence[str], batch_size: int = 256) -> float:
+    """Mean CLIP score of images against their prompts (:func:`clip_scores`); NaN for no images."""
+    scores = clip_scores(clip, images, prompts, batch_size)
+    return float(scores.mean()) if len(scores) else float("nan")
 
 
 # ---------------------------------------------------------------------------- Fréchet distance
@@ -157,18 +162,3 @@ def inception_metrics(real: torch.Tensor, fake: torch.Tensor, weights: str | Pat
         metric.update(to_u8(fake), real=False)
     kid_mean, kid_std = kid.compute()
     return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
-
-
-# ------------------------------------------------------------------------- per-image CLIP scores
-
-
-@torch.no_grad()
-def clip_scores(clip, images: torch.Tensor, prompts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-    """(N,) CLIP scores ``100 * max(cos, 0)`` of images (N, 3, H, W) in [-1, 1] against their prompts,
-    one per image, so that callers can average them over any subset (e.g. seen / unseen prompts)."""
-    if len(images) != len(prompts):
-        raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
-    scores = [clip_score_embeddings(clip.encode_image(images[i:i + batch_size]),
-                                    clip.encode_text(list(prompts[i:i + batch_size])).z_txt).cpu()
-              for i in range(0, len(images), batch_size)]
-    return torch.cat(scores) if scores else torch.zeros(0)

@@ -23,7 +23,6 @@ leaderboard, and quality against sampling steps. Run through ``unclip.evaluate``
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import itertools
 import json
@@ -43,7 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 from unclip.attributes import CellPredictions, load_classifier, predict, score_predictions
 from unclip.data import cache as cache_lib
 from unclip.data.datamodule import hash_seed
-from unclip.evaluate import COLUMNS, SPLITS, baseline_rows, evaluate_prior, val_pool
+from unclip.evaluate import COLUMNS, SPLITS, baseline_rows, evaluate_prior, markdown, val_pool, write_csv
 from unclip.image_metrics import clip_scores, fd_clip
 from unclip.loading import load
 from unclip.metrics import BASELINES, baseline_predictions
@@ -369,13 +368,8 @@ def real_val_images(cfg: DictConfig, size: int, count: int) -> torch.Tensor:
     """Up to ``count`` real images of the val split at the decoder's resolution: FD_CLIP's reference set."""
     datamodule = instantiate(cfg.data, _convert_="all", train=cfg.data.val, fields=["image"], image_size=size,
                              batch_size=cfg.data.val_batch_size)
-    images, rows = [], 0
-    for batch in datamodule.loader("val"):
-        images.append(batch["image"][: count - rows].float())
-        rows += len(images[-1])
-        if rows >= count:
-            break
-    return torch.cat(images) if images else torch.zeros(0, 3, size, size)
+    batches = val_pool(datamodule, count, splits=("val",)).get("val", [])
+    return torch.cat([b["image"].float() for b in batches]) if batches else torch.zeros(0, 3, size, size)
 
 
 def image_context(cfg: DictConfig, clip) -> ImageContext:
@@ -533,27 +527,6 @@ def json_safe(value):
     if isinstance(value, float) and math.isnan(value):
         return None
     return value
-
-
-def cell(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.1f}" if abs(value) >= 100 else f"{value:.3f}"
-    return str(value)
-
-
-def markdown(rows: list[dict], keys: Sequence[str]) -> str:
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(cell(r.get(k)) for k in keys) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def write_csv(rows: list[dict], keys: Sequence[str], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(keys), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows([{k: ("" if r.get(k) is None else r.get(k)) for k in keys} for r in rows])
 
 
 def write_leaderboard(prior_rows: list[dict], image_rows: list[dict], out: Path) -> None:

@@ -4,6 +4,7 @@ against steps, and prior grids side by side."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -52,56 +53,55 @@ def curves(rows: list[dict], kind: str) -> list[tuple[str, list[dict]]]:
     return [(kind, sorted(points, key=lambda r: r.get("guidance_scale") or 0))]
 
 
-def plot_cost(rows: list[dict], path: Path) -> None:
-    """Each prior metric against ms per sample (log x): a curve per guidance scale over steps (diffusion,
-    points labelled by steps) or over guidance scales (the others, labelled g=...); baselines dashed."""
+def metric_panels(rows: list[dict], path: Path, title: str, xlabel: str, draw_kind: Callable, **xscale) -> None:
+    """One panel per :data:`COST_METRICS` entry: ``draw_kind(plt, ax, metric, kind)`` draws each trained
+    prior, the baselines are dashed lines, the x axis is logarithmic (``xscale`` options)."""
     plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for ax, metric in zip(axes.flat, COST_METRICS):
         for kind in trained_kinds(rows):
-            lines = curves(rows, kind)
-            for i, (name, line) in enumerate(lines):
-                ax.plot([r["ms_per_sample"] for r in line], [r[metric] for r in line], "o-", markersize=3, linewidth=1,
-                        color=shade(plt, kind, i, len(lines)), label=name)
-                for r in line:
-                    tag = r["steps"] if r.get("steps") is not None else f"g={r.get('guidance_scale')}"
-                    ax.annotate(str(tag), (r["ms_per_sample"], r[metric]), fontsize=5, textcoords="offset points", xytext=(2, 2))
+            draw_kind(plt, ax, metric, kind)
         draw_baselines(ax, rows, metric)
-        ax.set_xscale("log")
-        ax.set_xlabel("ms per sample (prior only; labels: steps or guidance)")
+        ax.set_xscale("log", **xscale)
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(metric)
     axes.flat[0].legend(fontsize=6)
-    fig.suptitle("prior metrics against sampling cost")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_cost(rows: list[dict], path: Path) -> None:
+    """Each prior metric against ms per sample (log x): a curve per guidance scale over steps (diffusion,
+    points labelled by steps) or over guidance scales (the others, labelled g=...); baselines dashed."""
+    def draw(plt, ax, metric, kind):
+        lines = curves(rows, kind)
+        for i, (name, line) in enumerate(lines):
+            ax.plot([r["ms_per_sample"] for r in line], [r[metric] for r in line], "o-", markersize=3, linewidth=1,
+                    color=shade(plt, kind, i, len(lines)), label=name)
+            for r in line:
+                tag = r["steps"] if r.get("steps") is not None else f"g={r.get('guidance_scale')}"
+                ax.annotate(str(tag), (r["ms_per_sample"], r[metric]), fontsize=5, textcoords="offset points", xytext=(2, 2))
+
+    metric_panels(rows, path, "prior metrics against sampling cost", "ms per sample (prior only; labels: steps or guidance)", draw)
 
 
 def plot_steps(rows: list[dict], path: Path) -> None:
     """Each prior metric against sampling steps: one line per (prior, guidance scale) that has steps; a
     prior without steps as a dotted line at its image setting, baselines dashed."""
-    plt = pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    for ax, metric in zip(axes.flat, COST_METRICS):
-        for kind in trained_kinds(rows):
-            lines = [(name, [r for r in line if r.get("steps") is not None]) for name, line in curves(rows, kind)]
-            lines = [(name, line) for name, line in lines if line]
-            if not lines:
-                chosen = next(r for r in rows if r["prior"] == kind and r["image_setting"])
-                ax.axhline(chosen[metric], linestyle=":", linewidth=1.5, color=shade(plt, kind, 1, 1),
-                           label=f"{kind} ({chosen['settings']})")
-            for i, (name, line) in enumerate(lines):
-                ax.plot([r["steps"] for r in line], [r[metric] for r in line], "o-", markersize=3,
-                        color=shade(plt, kind, i, len(lines)), label=name)
-        draw_baselines(ax, rows, metric)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("prior sampling steps")
-        ax.set_ylabel(metric)
-    axes.flat[0].legend(fontsize=6)
-    fig.suptitle("prior metrics against sampling steps")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    def draw(plt, ax, metric, kind):
+        lines = [(name, [r for r in line if r.get("steps") is not None]) for name, line in curves(rows, kind)]
+        lines = [(name, line) for name, line in lines if line]
+        if not lines:
+            chosen = next(r for r in rows if r["prior"] == kind and r["image_setting"])
+            ax.axhline(chosen[metric], linestyle=":", linewidth=1.5, color=shade(plt, kind, 1, 1),
+                       label=f"{kind} ({chosen['settings']})")
+        for i, (name, line) in enumerate(lines):
+            ax.plot([r["steps"] for r in line], [r[metric] for r in line], "o-", markersize=3,
+                    color=shade(plt, kind, i, len(lines)), label=name)
+
+    metric_panels(rows, path, "prior metrics against sampling steps", "prior sampling steps", draw, base=2)
 
 
 def grid_image(pixels: torch.Tensor, per_row: int) -> torch.Tensor:

@@ -209,6 +209,8 @@ def finish_wandb(trainer: pl.Trainer) -> None:
     flushed the run's history to disk."""
     from lightning.pytorch.loggers import WandbLogger
 
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger) and trainer.is_global_zero and logger._experiment is not None:
-            logger.experiment.finish()
+    if trainer.is_global_zero and any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
+        import wandb
+
+        if wandb.run is not None:  # the logger's run (never started if nothing was logged)
+            wandb.finish()

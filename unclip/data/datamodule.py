@@ -296,9 +296,10 @@ class EmbeddingBatches(_ShardStream):
         index = torch.from_numpy(rows)
         # gather in fp16, then widen: half the bytes moved by the gather
         batch = {f: a.index_select(0, index).to(self.dtype) for f, a in arrays.items()}
-        batch["key"] = [keys[i] for i in rows.tolist()]
+        order = rows.tolist()
+        batch["key"] = [keys[i] for i in order]
         if self.want_text:
-            batch["caption"] = [captions[i] for i in rows.tolist()]
+            batch["caption"] = [captions[i] for i in order]
         return batch
 
 
