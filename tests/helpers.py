@@ -1,5 +1,10 @@
 """Small pieces several test files share."""
 
+import csv
+from pathlib import Path
+
+import torch
+
 
 def train_steps(module, batch: dict, optimizer, steps: int) -> None:
     """``steps`` optimiser steps of ``module.loss`` on one fixed batch (the overfitting tests)."""
@@ -8,3 +13,15 @@ def train_steps(module, batch: dict, optimizer, steps: int) -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+
+
+def fixed_loss(module, batch: dict, seed: int = 1) -> float:
+    """``module.loss(batch)`` with the same timesteps and noise every call (a before/after comparison)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return module.loss(batch).item()
+
+
+def logged_keys(run: Path) -> set[str]:
+    """Every metric key with a value in a run dir's CSV logs (all versions: a resumed run writes a new one)."""
+    return {k for path in run.glob("csv/version_*/metrics.csv") for row in csv.DictReader(open(path)) for k, v in row.items() if v}

@@ -1,6 +1,5 @@
 """The decoder: UNet shapes, z_i conditioning, CFG dropout rates, overfitting, DDIM decoding, the CLI run."""
 
-import csv
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ import torch.nn as nn
 from test_train_cli import common, run_cli
 from unclip.modules.decoder import DecoderModule
 from unclip.nets.unet import UNet
-from helpers import train_steps
+from helpers import fixed_loss, logged_keys, train_steps
 
 DIFFUSION = dict(schedule="cosine", num_timesteps=100, prediction="eps")
 SAMPLER = dict(kind="ddim", steps=5, clip_denoised=True)
@@ -109,14 +108,9 @@ def test_tiny_decoder_overfits_a_few_images(tiny_clip):
     batch = {"image": images, "img_emb": torch.randn(4, 128), "caption": [""] * 4}
     optimizer = torch.optim.Adam(module.net.parameters(), lr=2e-3)
 
-    def fixed_loss():
-        with torch.random.fork_rng():
-            torch.manual_seed(1)
-            return module.loss(batch).item()
-
-    before = fixed_loss()
+    before = fixed_loss(module, batch)
     train_steps(module, batch, optimizer, 150)
-    assert fixed_loss() < 0.3 * before
+    assert fixed_loss(module, batch) < 0.3 * before
 
 
 def test_ddim_decoding_runs_with_guidance_and_is_seeded(tiny_clip):
@@ -141,8 +135,7 @@ def test_decoder_trains_from_image_shards_and_logs_grids(shapes_dir, embed_cfg, 
     assert result.returncode == 0, result.stderr[-3000:]
     run = root / "runs" / "shapes" / "decoder" / "dec"
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["val_step0000002.png", "val_unseen_step0000002.png"]
-    metrics = list(csv.DictReader(open(next(run.glob("csv/version_*/metrics.csv")))))
-    keys = {k for row in metrics for k, v in row.items() if v}
+    keys = logged_keys(run)
     assert {"val/decoder/clip_sim", "val/decoder/clip_sim_real", "val/decoder/clip_sim_unseen", "val/loss"} <= keys
     published = torch.load(root / "artifacts" / "decoder" / "shapes.ckpt", map_location="cpu", weights_only=True)
     assert published["hyper_parameters"]["kind"] == "decoder" and published["hyper_parameters"]["net"]["image_size"] == 16

@@ -12,6 +12,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from helpers import logged_keys
 from test_config import compose_train, run_cli
 from test_train_cli import common
 
@@ -46,10 +47,6 @@ def train_losses(run: Path) -> dict[int, float]:
             if row.get("train/loss"):
                 losses[int(row["step"])] = float(row["train/loss"])
     return losses
-
-
-def logged_keys(run: Path) -> set[str]:
-    return {k for path in run.glob("csv/version_*/metrics.csv") for row in csv.DictReader(open(path)) for k, v in row.items() if v}
 
 
 def cache_rows(cache_dir, split: str) -> dict:

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import logged_keys
 from test_config import run_cli
 
 
@@ -24,8 +25,7 @@ def test_train_writes_checkpoints_logs_and_artifact_and_resumes(shapes_dir, tmp_
     run = tmp_path / "runs" / "shapes" / "clip_pretrain" / "tiny"
     assert (run / "checkpoints" / "last.ckpt").exists() and (run / ".hydra" / "config.yaml").exists()
     assert (tmp_path / "artifacts" / "clip" / "shapes.pt").exists() and (tmp_path / "artifacts" / "clip" / "shapes.json").exists()
-    metrics = list(csv.DictReader(open(next(run.glob("csv/version_*/metrics.csv")))))
-    keys = {k for row in metrics for k, v in row.items() if v}
+    keys = logged_keys(run)
     assert {"train/loss", "val/clip/retrieval_top1", "val/clip/retrieval_top1_unseen", "val/clip/zeroshot_shape"} <= keys
     # the same command with a longer run resumes from last.ckpt in the same directory
     second = run_cli(*args, "trainer.max_steps=4")
@@ -55,8 +55,7 @@ def test_diffusion_prior_trains_from_the_cache_and_resumes_with_its_ema(shapes_d
     first = run_cli(*args, "trainer.max_steps=3")
     assert first.returncode == 0, first.stderr[-3000:]
     run = root / "runs" / "shapes" / "diffusion_prior" / "prior"
-    metrics = list(csv.DictReader(open(next(run.glob("csv/version_*/metrics.csv")))))
-    keys = {k for row in metrics for k, v in row.items() if v}
+    keys = logged_keys(run)
     assert {"train/loss", "val/loss", "val/prior/cos_true", "val/prior/retrieval_top1_unseen",
             "val/baseline_zt/cos_true", "val/baseline_linear/retrieval_top1"} <= keys
     published = torch.load(root / "artifacts" / "diffusion_prior" / "shapes.ckpt", map_location="cpu", weights_only=True)
@@ -83,8 +82,7 @@ def test_ar_prior_trains_from_the_cache_and_reports_its_tokenisation(shapes_dir,
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     run = root / "runs" / "shapes" / "ar_prior" / "ar"
-    metrics = list(csv.DictReader(open(next(run.glob("csv/version_*/metrics.csv")))))
-    keys = {k for row in metrics for k, v in row.items() if v}
+    keys = logged_keys(run)
     assert {"train/loss", "val/prior/cos_true", "val/prior/retrieval_top1_unseen", "val/baseline_linear/cos_true",
             "val/ar_prior/roundtrip_cos", "val/ar_prior/explained_variance"} <= keys
     published = torch.load(root / "artifacts" / "ar_prior" / "shapes.ckpt", map_location="cpu", weights_only=True)

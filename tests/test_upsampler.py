@@ -1,7 +1,6 @@
 """The upsamplers: aligned crop pairs, degradations, noise augmentation, shapes, conditioning, a loss that
 falls, ``upsample()``, and the CLI run with its PSNR/SSIM against bicubic."""
 
-import csv
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from test_decoder import randomise_zero_layers
 from test_train_cli import common, run_cli
 from unclip.degradations import JPEG, BSRLite, GaussianBlur, GaussianNoise, RandomOrder, resize
 from unclip.modules.upsampler import UpsamplerModule
-from helpers import train_steps
+from helpers import fixed_loss, logged_keys, train_steps
 
 DIFFUSION = dict(schedule="cosine", num_timesteps=100, prediction="eps")
 SAMPLER = dict(kind="ddim", steps=4, clip_denoised=True)
@@ -156,14 +155,9 @@ def test_loss_falls_on_a_tiny_run():
     batch = {"image": shapes_batch(8), "key": list("abcdefgh")}
     optimizer = torch.optim.Adam(module.net.parameters(), lr=5e-3)
 
-    def fixed_loss():
-        with torch.random.fork_rng():
-            torch.manual_seed(1)
-            return module.loss(batch).item()
-
-    before = fixed_loss()
+    before = fixed_loss(module, batch)
     train_steps(module, batch, optimizer, 15)
-    assert fixed_loss() < 0.5 * before
+    assert fixed_loss(module, batch) < 0.5 * before
 
 
 # ---------------------------------------------------------------------------------------- configs
@@ -198,8 +192,7 @@ def test_upsampler_trains_logs_psnr_against_bicubic_and_loads(shapes_dir, tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "runs" / "shapes" / "upsampler_32_64" / "up"
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["val_step0000002.png", "val_unseen_step0000002.png"]
-    metrics = list(csv.DictReader(open(next(run.glob("csv/version_*/metrics.csv")))))
-    keys = {k for row in metrics for k, v in row.items() if v}
+    keys = logged_keys(run)
     assert {f"val/upsampler/{m}{s}" for m in ("psnr", "ssim", "psnr_bicubic", "ssim_bicubic") for s in ("", "_unseen")} <= keys
     assert not (tmp_path / "cache").exists()  # no embedding cache, no CLIP: the upsampler needs images only
 
