@@ -229,13 +229,28 @@ def test_a_small_suite_subset_keeps_both_splits_in_suite_order():
         {"guidance_scale": 1.0, "steps": 8}, {"guidance_scale": 2.0, "steps": 8}]
 
 
-def test_log_wandb_writes_an_offline_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("logged_in", [True, False])
+def test_log_wandb_writes_an_offline_run(tmp_path, monkeypatch, logged_in):
+    """Offline through WANDB_MODE; and without it, when wandb refuses to go online (no API key), offline
+    anyway instead of failing after the whole leaderboard has run."""
+    import wandb
     from omegaconf import OmegaConf
 
     from unclip.sampling import save_grid
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    if logged_in:
+        monkeypatch.setenv("WANDB_MODE", "offline")
+    else:
+        monkeypatch.delenv("WANDB_MODE", raising=False)
+        real_init = wandb.init
+
+        def init(mode=None, **options):
+            if mode != "offline":
+                raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+            return real_init(mode=mode, **options)
+
+        monkeypatch.setattr(wandb, "init", init)
     cfg = OmegaConf.create({"wandb_project": "unclip-test", "wandb_group": "leaderboard_test", "wandb_mode": None,
                             "out": str(tmp_path), "pool": 8, "seed": 0, "n": 1, "suite": "v1", "suite_limit": 4,
                             "decoder": "decoder", "decoder_settings": {"steps": None}})

@@ -69,6 +69,14 @@ def test_prior_metrics_and_linear_baseline():
     assert perfect["cos_text"] == pytest.approx(perfect["baseline_cos"]) and perfect["cos_text_minus_baseline"] == pytest.approx(0, abs=1e-6)
     ignores_caption = prior_metrics(z_txt.roll(1, 0), z_img, z_txt)
     assert ignores_caption["cos_unrelated"] == pytest.approx(1.0) and ignores_caption["retrieval_top1"] < 0.2
+    # fd_img compares distributions, not pairs: the true set shuffled scores 0 (and a low cos_true), while
+    # a point estimate pulled towards the mean keeps a high cos_true but a collapsed spread
+    centre = torch.full((8,), 2.0)
+    cluster = centre + z_img
+    shuffled = prior_metrics(cluster.roll(7, 0), cluster, z_txt)
+    shrunk = prior_metrics(centre + 0.3 * z_img, cluster, z_txt)
+    assert perfect["fd_img"] == pytest.approx(0, abs=1e-4) and shuffled["fd_img"] == pytest.approx(0, abs=1e-4)
+    assert shrunk["cos_true"] > shuffled["cos_true"] and shrunk["fd_img"] > 10 * max(shuffled["fd_img"], 1e-3)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((500, 6)).astype(np.float32)
     w_true, b_true = rng.standard_normal((6, 6)), rng.standard_normal(6)

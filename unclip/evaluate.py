@@ -35,7 +35,7 @@ from unclip.metrics import baseline_predictions, prior_metrics
 log = logging.getLogger(__name__)
 SPLITS = {"val": "", "val_unseen": "_unseen"}
 MODES = ("prior", "compare", "images", "leaderboard", "steps")
-COLUMNS = ("cos_true", "cos_text", "cos_unrelated", "cos_text_minus_baseline", "retrieval_top1")
+COLUMNS = ("cos_true", "cos_text", "cos_unrelated", "cos_text_minus_baseline", "retrieval_top1", "fd_img")
 
 
 def val_pool(datamodule, pool: int, splits=tuple(SPLITS)) -> dict[str, list[dict]]:

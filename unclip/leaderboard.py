@@ -499,11 +499,17 @@ def log_wandb(cfg: DictConfig, kind: str, rows: list[dict], image_row: dict, gri
     """One wandb run per prior, all in one group: the sweep as a table and as steps, the grid, the summary."""
     import wandb
 
-    run = wandb.init(project=cfg.wandb_project, group=cfg.wandb_group, name=kind, job_type="leaderboard",
-                     dir=str(cfg.out), mode=cfg.wandb_mode or None, reinit="finish_previous",
-                     config={"prior": kind, "pool": int(cfg.pool), "seed": int(cfg.seed), "n": int(cfg.n),
-                             "suite": cfg.suite, "suite_limit": cfg.suite_limit, "decoder": str(cfg.decoder),
-                             "decoder_settings": settings_of(cfg.decoder_settings)})
+    options = dict(project=cfg.wandb_project, group=cfg.wandb_group, name=kind, job_type="leaderboard",
+                   dir=str(cfg.out), reinit="finish_previous",
+                   config={"prior": kind, "pool": int(cfg.pool), "seed": int(cfg.seed), "n": int(cfg.n),
+                           "suite": cfg.suite, "suite_limit": cfg.suite_limit, "decoder": str(cfg.decoder),
+                           "decoder_settings": settings_of(cfg.decoder_settings)})
+    try:
+        run = wandb.init(mode=cfg.wandb_mode or None, **options)
+    except wandb.errors.UsageError as error:  # not logged in: the tables are written already, keep the run too
+        log.warning("wandb online logging failed (%s); logging %s offline under %s (`wandb sync` it later)",
+                    error, kind, cfg.out)
+        run = wandb.init(mode="offline", **options)
     columns = ["settings", "guidance_scale", "steps", "ms_per_sample", *PRIOR_COLUMNS]
     run.log({"sweep": wandb.Table(columns=columns, data=[[r.get(k) for k in columns] for r in rows]),
              "grid": wandb.Image(str(grid))})

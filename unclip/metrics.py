@@ -3,7 +3,11 @@
 The prior "cosine suite" (as in the DALLE2-pytorch/LAION prior trainings) over a pool of val pairs:
 ``cos_true`` cos(ẑ_i, z_i); ``cos_text`` cos(ẑ_i, z_t); ``cos_unrelated`` cos(ẑ_i, z_t of another caption,
 the pool rolled by one: high means the caption is ignored); ``baseline_cos`` cos(z_t, z_i) of the data;
-``cos_text_minus_baseline``; ``retrieval_top1``: ẑ_i retrieves its own caption's true z_i in the pool.
+``cos_text_minus_baseline``; ``retrieval_top1``: ẑ_i retrieves its own caption's true z_i in the pool;
+``fd_img``: Fréchet distance between the pool's ẑ_i and its true z_i (unit-normalised), i.e. whether the
+prior's samples are distributed like image embeddings. cos_true alone rewards regressing to the
+conditional mean (a point estimate beats any sample of p(z_i | y) on it); fd_img penalises the
+collapsed spread that such an estimate has, which is what the decoder would be fed.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-PRIOR_KEYS = ("cos_true", "cos_text", "cos_unrelated", "baseline_cos", "cos_text_minus_baseline", "retrieval_top1")
+from unclip.image_metrics import frechet_distance
+
+PRIOR_KEYS = ("cos_true", "cos_text", "cos_unrelated", "baseline_cos", "cos_text_minus_baseline", "retrieval_top1", "fd_img")
 BASELINES = ("baseline_zt", "baseline_linear")
 
 
@@ -29,6 +35,7 @@ def prior_metrics(z_pred: torch.Tensor, z_img: torch.Tensor, z_txt: torch.Tensor
         "baseline_cos": float(baseline),
         "cos_text_minus_baseline": float(cos_text - baseline),
         "retrieval_top1": float((retrieved == torch.arange(len(z_img), device=z_img.device)).float().mean()),
+        "fd_img": frechet_distance(z_img, z_pred) if len(z_img) > 1 else float("nan"),
     }
 
 

@@ -10,8 +10,8 @@ import torch
 
 from unclip.metrics import BASELINES
 
-COST_METRICS = ("cos_true", "retrieval_top1", "cos_true_unseen", "retrieval_top1_unseen")  # the plotted ones
-
+# the plotted ones: closeness to the true z_i, and (lower is better) how image-like the spread of ẑ_i is
+COST_METRICS = ("cos_true", "fd_img", "cos_true_unseen", "fd_img_unseen")
 
 
 def pyplot():
@@ -64,7 +64,7 @@ def metric_panels(rows: list[dict], path: Path, title: str, xlabel: str, draw_ki
         draw_baselines(ax, rows, metric)
         ax.set_xscale("log", **xscale)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(metric)
+        ax.set_ylabel(metric + (" (lower is better)" if metric.startswith("fd_") else ""))
     axes.flat[0].legend(fontsize=6)
     fig.suptitle(title)
     fig.tight_layout()
@@ -149,7 +149,7 @@ def plot_quality_vs_steps(rows: list[dict], path: Path) -> None:
                             textcoords="offset points", xytext=(3, 3))
         ax.set_xscale("log")
         ax.set_xlabel("sampling steps (annotations: ms per image, prior + decoder)")
-        ax.set_ylabel(metric)
+        ax.set_ylabel(metric + (" (lower is better)" if metric.startswith("fd_") else ""))
     axes[0].legend(fontsize=7)
     fig.suptitle("image quality against sampling steps")
     fig.tight_layout()
