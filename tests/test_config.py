@@ -60,11 +60,11 @@ def test_cfg_job_prints_the_complete_config():
     assert printed.trainer._target_ == "lightning.pytorch.Trainer"
 
 
-def test_bad_keys_and_missing_values_fail_with_hydras_message():
+def test_bad_keys_and_missing_values_fail_with_hydras_message(tmp_path):
     unknown = run_cli("trainer.max_stepz=3")
     assert unknown.returncode != 0 and "Could not override 'trainer.max_stepz'" in unknown.stderr
     assert "Traceback" not in unknown.stderr
-    missing = run_cli("data=webdataset", "trainer.max_steps=1")
+    missing = run_cli("data=webdataset", "trainer.max_steps=1", f"paths.root={tmp_path}")  # its run dir: not the repo's
     assert missing.returncode != 0 and "missing required config value(s): data.train" in missing.stderr
 
 
