@@ -45,7 +45,7 @@ def main(n: int = 128, guidance=(1.0, 5.0), seed: int = 0) -> list[dict]:
         objects = [m["objects"] for m in batch["meta"]]
         rows.append({"split": split, "images": "real", **scores(classifier, clip, batch["image"].float(), batch["img_emb"], objects)})
         for scale in guidance:
-            decoded = decoder.sample(batch["img_emb"], generator=torch.Generator().manual_seed(seed), guidance_scale=float(scale))
+            decoded = decoder.sample(batch["img_emb"], batch["caption"], torch.Generator().manual_seed(seed), float(scale))
             rows.append({"split": split, "images": f"decoded, guidance {scale:g}",
                          **scores(classifier, clip, decoded, batch["img_emb"], objects)})
     print("| split | images | attr_acc | shape | colour | clip_sim |\n|---|---|---|---|---|---|")
@@ -56,4 +56,5 @@ def main(n: int = 128, guidance=(1.0, 5.0), seed: int = 0) -> list[dict]:
 
 if __name__ == "__main__":
     options = OmegaConf.from_dotlist(sys.argv[1:])
-    main(int(options.get("n", 128)), tuple(options.get("guidance", (1.0, 5.0))), int(options.get("seed", 0)))
+    scales = options.get("guidance", [1.0, 5.0])
+    main(int(options.get("n", 128)), tuple(scales) if OmegaConf.is_list(scales) else (scales,), int(options.get("seed", 0)))

@@ -229,8 +229,8 @@ def test_a_small_suite_subset_keeps_both_splits_in_suite_order():
         {"guidance_scale": 1.0, "steps": 8}, {"guidance_scale": 2.0, "steps": 8}]
 
 
-@pytest.mark.parametrize("logged_in", [True, False])
-def test_log_wandb_writes_an_offline_run(tmp_path, monkeypatch, logged_in):
+@pytest.mark.parametrize("env_offline", [True, False])
+def test_log_wandb_writes_an_offline_run(tmp_path, monkeypatch, env_offline):
     """Offline through WANDB_MODE; and without it, when wandb refuses to go online (no API key), offline
     anyway instead of failing after the whole leaderboard has run."""
     import wandb
@@ -239,7 +239,7 @@ def test_log_wandb_writes_an_offline_run(tmp_path, monkeypatch, logged_in):
     from unclip.sampling import save_grid
 
     monkeypatch.setenv("WANDB_SILENT", "true")
-    if logged_in:
+    if env_offline:
         monkeypatch.setenv("WANDB_MODE", "offline")
     else:
         monkeypatch.delenv("WANDB_MODE", raising=False)
@@ -258,5 +258,6 @@ def test_log_wandb_writes_an_offline_run(tmp_path, monkeypatch, logged_in):
              "image_setting": s == 4, **{k: 0.5 for k in lb.PRIOR_COLUMNS}} for s in (2, 4)]
     image_row = {"prior": "diffusion_prior", **{k: 0.25 for k in lb.IMAGE_COLUMNS}, "n_images": 4}
     grid = save_grid(torch.zeros(4, 3, 8, 8), 2, tmp_path / "grid.png")
-    lb.log_wandb(cfg, "diffusion_prior", rows, image_row, grid)
+    mode = lb.log_wandb(cfg, "diffusion_prior", rows, image_row, grid)
     assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
+    assert mode == (None if env_offline else "offline")  # the next prior goes straight to offline

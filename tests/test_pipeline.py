@@ -86,6 +86,22 @@ def test_variation_interpolation_and_text_diff(pipe):
     assert mixed.pixels.shape == (2, 3, 16, 16)
 
 
+def test_inverted_latents_decode_unguided_unless_asked(pipe, monkeypatch):
+    """DDIM inversion runs unguided, so its latents reconstruct only when decoded unguided: with the
+    decoder's default guidance (5 for the shapes decoder) an inverted start would drift."""
+    image = pipe.generate(["a red circle"], seed=0).images[0]
+    scales = []
+    decode = pipe.decode
+    monkeypatch.setattr(pipe, "decode", lambda z, g, guidance=None, *a, **kw: scales.append(guidance) or decode(z, g, guidance, *a, **kw))
+    pipe.vary(image, n=1, invert=True)
+    pipe.vary(image, n=1, invert=True, decoder_guidance=3.0)
+    pipe.vary(image, n=1)
+    pipe.interpolate(image, image, k=2, invert=True)
+    pipe.text_diff(image, "a red circle", "a blue circle", k=2)  # inverts by default
+    pipe.text_diff(image, "a red circle", "a blue circle", k=2, invert=False)
+    assert scales == [1.0, 3.0, None, 1.0, 1.0, None]
+
+
 def test_slerp_is_spherical_and_hits_its_ends():
     a, b = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1), torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
     mid = slerp(a, b, 0.5)

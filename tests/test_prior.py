@@ -148,7 +148,8 @@ def test_validation_and_checkpoints_use_ema_weights(shapes_dir, cache_dir, tiny_
     torch.testing.assert_close(record.seen, averaged)  # validation ran on the EMA weights
     torch.testing.assert_close(module.net.out.weight, averaged)  # and so does the module after fit
     metrics = trainer.callback_metrics
-    for key in ("val/prior/cos_true", "val/prior/retrieval_top1_unseen", "val/baseline_linear/cos_true", "val/baseline_zt/retrieval_top1"):
+    for key in ("val/prior/cos_true", "val/prior/retrieval_top1_unseen", "val/prior/fd_img", "val/baseline_linear/cos_true",
+                "val/baseline_zt/retrieval_top1", "val/baseline_linear/fd_img_unseen"):
         assert key in metrics, sorted(metrics)
     path = tmp_path / "prior.ckpt"
     trainer.save_checkpoint(path)

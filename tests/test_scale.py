@@ -94,6 +94,11 @@ def test_ddp_on_cpu_trains_two_ranks_on_disjoint_halves_with_a_synchronised_loss
     metrics = {k: float(v) for path in run.glob("csv/version_*/metrics.csv") for row in csv.DictReader(open(path))
                for k, v in row.items() if v and k.startswith("val/")}
     assert metrics["val/prior/baseline_cos"] == pytest.approx(expected, abs=1e-5)
+    # the distribution metric too is that of the joined pool, counted once (not re-gathered per rank)
+    from unclip.image_metrics import frechet_distance
+
+    joined_fd = frechet_distance(torch.as_tensor(unit["img_emb"]), torch.as_tensor(unit["txt_emb"]))
+    assert metrics["val/baseline_zt/fd_img"] == pytest.approx(joined_fd, rel=1e-4)
     assert {"val/loss", "val/prior/cos_true_unseen", "val/baseline_linear/retrieval_top1"} <= set(metrics)
 
 

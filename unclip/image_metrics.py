@@ -102,15 +102,21 @@ def fd_clip_metric(clip) -> FrechetInceptionDistance:
 
 
 def embedding_fd_metric(dim: int) -> FrechetInceptionDistance:
-    """The same metric fed with embeddings (B, dim) instead of images."""
-    return FrechetInceptionDistance(feature=EmbeddingFeature(dim), reset_real_features=False)
+    """The same metric fed with embeddings (B, dim) instead of images. It is computed where it is filled:
+    callers hand it whole pools (already gathered across ranks), so ``compute`` must not all-gather again
+    (that would count each row once per rank, and NCCL cannot gather these CPU states)."""
+    return FrechetInceptionDistance(feature=EmbeddingFeature(dim), reset_real_features=False, sync_on_compute=False)
 
 
 def frechet_distance(z_real: torch.Tensor, z_fake: torch.Tensor) -> float:
     """Fréchet distance between Gaussians fit to two embedding sets (N, D) and (M, D), N, M >= 2:
-    ``|mu_r - mu_f|^2 + tr(S_r + S_f - 2 (S_r S_f)^(1/2))``, by torchmetrics in float64."""
+    ``|mu_r - mu_f|^2 + tr(S_r + S_f - 2 (S_r S_f)^(1/2))``, by torchmetrics in float64. NaN when either
+    set has a non-finite entry (a diverged model). With N <= D the covariances are rank-deficient: the
+    distance is still defined but biased upwards, so compare only numbers from pools of one size."""
     if z_real.dim() != 2 or z_fake.dim() != 2 or z_real.shape[-1] != z_fake.shape[-1]:
         raise ValueError(f"frechet_distance needs two (N, D) embedding sets of one D, got {tuple(z_real.shape)} and {tuple(z_fake.shape)}")
+    if not (torch.isfinite(z_real).all() and torch.isfinite(z_fake).all()):
+        return float("nan")
     metric = embedding_fd_metric(z_real.shape[-1])
     metric.update(z_real.detach().cpu().double(), real=True)
     metric.update(z_fake.detach().cpu().double(), real=False)

@@ -477,9 +477,10 @@ def run_leaderboard(cfg: DictConfig, clip) -> dict:
     grid_entries = spread_subset(context.entries, int(cfg.grid_prompts))
     grids_figure(grids, [e["prompt"] for e in grid_entries], int(cfg.grid_n), out / "grids.png")
     if cfg.wandb:
+        mode = None
         for image_row in image_rows:
             kind = image_row["prior"]
-            log_wandb(cfg, kind, [r for r in prior_rows if r["prior"] == kind], image_row, out / f"grid_{kind}.png")
+            mode = log_wandb(cfg, kind, [r for r in prior_rows if r["prior"] == kind], image_row, out / f"grid_{kind}.png", mode)
     return {"prior_rows": prior_rows, "image_rows": image_rows}
 
 
@@ -495,8 +496,10 @@ def summary(rows: list[dict], image_row: dict) -> dict:
     return out
 
 
-def log_wandb(cfg: DictConfig, kind: str, rows: list[dict], image_row: dict, grid: Path) -> None:
-    """One wandb run per prior, all in one group: the sweep as a table and as steps, the grid, the summary."""
+def log_wandb(cfg: DictConfig, kind: str, rows: list[dict], image_row: dict, grid: Path, mode: str | None = None) -> str | None:
+    """One wandb run per prior, all in one group: the sweep as a table and as steps, the grid, the summary.
+    ``mode``: wandb's mode (None: ``cfg.wandb_mode``, else WANDB_MODE). Returns the mode that worked, so a
+    fallback to offline is taken once, not once per prior."""
     import wandb
 
     options = dict(project=cfg.wandb_project, group=cfg.wandb_group, name=kind, job_type="leaderboard",
@@ -504,12 +507,14 @@ def log_wandb(cfg: DictConfig, kind: str, rows: list[dict], image_row: dict, gri
                    config={"prior": kind, "pool": int(cfg.pool), "seed": int(cfg.seed), "n": int(cfg.n),
                            "suite": cfg.suite, "suite_limit": cfg.suite_limit, "decoder": str(cfg.decoder),
                            "decoder_settings": settings_of(cfg.decoder_settings)})
+    mode = mode or cfg.wandb_mode or None
     try:
-        run = wandb.init(mode=cfg.wandb_mode or None, **options)
-    except wandb.errors.UsageError as error:  # not logged in: the tables are written already, keep the run too
-        log.warning("wandb online logging failed (%s); logging %s offline under %s (`wandb sync` it later)",
-                    error, kind, cfg.out)
-        run = wandb.init(mode="offline", **options)
+        run = wandb.init(mode=mode, **options)
+    except wandb.errors.Error as error:  # not logged in, or no network: the tables are written already
+        log.warning("wandb could not log online (%s); logging the leaderboard offline under %s "
+                    "(`wandb sync` it later)", error, cfg.out)
+        mode = "offline"
+        run = wandb.init(mode=mode, **options)
     columns = ["settings", "guidance_scale", "steps", "ms_per_sample", *PRIOR_COLUMNS]
     run.log({"sweep": wandb.Table(columns=columns, data=[[r.get(k) for k in columns] for r in rows]),
              "grid": wandb.Image(str(grid))})
@@ -517,6 +522,7 @@ def log_wandb(cfg: DictConfig, kind: str, rows: list[dict], image_row: dict, gri
         run.log({f"sweep/{k}": row[k] for k in ("ms_per_sample", *PRIOR_COLUMNS) if k in row})
     run.summary.update(summary(rows, image_row))
     run.finish()
+    return mode
 
 
 # --------------------------------------------------------------------------------------- writing

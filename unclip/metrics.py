@@ -16,14 +16,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unclip.image_metrics import frechet_distance
-
 PRIOR_KEYS = ("cos_true", "cos_text", "cos_unrelated", "baseline_cos", "cos_text_minus_baseline", "retrieval_top1", "fd_img")
 BASELINES = ("baseline_zt", "baseline_linear")
 
 
 def prior_metrics(z_pred: torch.Tensor, z_img: torch.Tensor, z_txt: torch.Tensor) -> dict[str, float]:
     """z_pred, z_img, z_txt: (N, D) CLIP embeddings (any scale); pairs share a row."""
+    from unclip.image_metrics import frechet_distance  # torchmetrics' FID: loaded only when metrics are computed
+
     z_pred, z_img, z_txt = (F.normalize(z.float(), dim=-1) for z in (z_pred, z_img, z_txt))
     cos_text = (z_pred * z_txt).sum(-1).mean()
     baseline = (z_txt * z_img).sum(-1).mean()

@@ -77,6 +77,12 @@ def resize(x: torch.Tensor, size: int | None) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
 
 
+def inverted_guidance(inverted: bool, guidance: float | None) -> float | None:
+    """The decoder guidance for a start latent: DDIM inversion (unguided) reconstructs an image only under
+    the model function it was run with, so inverted latents decode unguided unless a scale is asked for."""
+    return 1.0 if inverted and guidance is None else guidance
+
+
 class UnCLIPPipeline:
     """The frozen CLIP and the trained stages, on one device, in eval mode."""
 
@@ -235,7 +241,7 @@ class UnCLIPPipeline:
         if invert:
             x_T = self.invert(to_tensor(image)[:1], z_img[:1], decoder_steps).repeat(n, 1, 1, 1)
             eta = 0.5 if eta is None else eta
-        pixels = self.decode(z_img, generator, decoder_guidance, decoder_steps, x_T=x_T, eta=eta,
+        pixels = self.decode(z_img, generator, inverted_guidance(invert, decoder_guidance), decoder_steps, x_T=x_T, eta=eta,
                              upsampler_steps=upsampler_steps)
         return UnCLIPOutput(to_pil(pixels), pixels, z_img)
 
@@ -256,7 +262,8 @@ class UnCLIPPipeline:
             x_T = (slerp(x_a.expand(k, -1), x_b.expand(k, -1), theta) * norm).view(k, 3, size, size)
         else:
             x_T = torch.randn(1, 3, size, size, generator=generator, device=self.device).expand(k, -1, -1, -1)
-        pixels = self.decode(z_img, generator, decoder_guidance, decoder_steps, x_T=x_T, upsampler_steps=upsampler_steps)
+        pixels = self.decode(z_img, generator, inverted_guidance(invert, decoder_guidance), decoder_steps, x_T=x_T,
+                             upsampler_steps=upsampler_steps)
         return UnCLIPOutput(to_pil(pixels), pixels, z_img)
 
     def text_diff(self, image, caption_from: str, caption_to: str, k: int = 5, max_theta: float = 0.5,
@@ -277,7 +284,8 @@ class UnCLIPPipeline:
             x_T = self.invert(to_tensor(image)[:1], z_i, decoder_steps).expand(k, -1, -1, -1)
         else:
             x_T = torch.randn(1, 3, size, size, generator=generator, device=self.device).expand(k, -1, -1, -1)
-        pixels = self.decode(z_img, generator, decoder_guidance, decoder_steps, x_T=x_T, upsampler_steps=upsampler_steps)
+        pixels = self.decode(z_img, generator, inverted_guidance(invert, decoder_guidance), decoder_steps, x_T=x_T,
+                             upsampler_steps=upsampler_steps)
         return UnCLIPOutput(to_pil(pixels), pixels, z_img)
 
     def mix(self, images_and_prompts: Sequence, weights: Sequence[float] | None = None, n: int = 1, seed: int | None = 0,

@@ -149,7 +149,7 @@ def plot_quality_vs_steps(rows: list[dict], path: Path) -> None:
                             textcoords="offset points", xytext=(3, 3))
         ax.set_xscale("log")
         ax.set_xlabel("sampling steps (annotations: ms per image, prior + decoder)")
-        ax.set_ylabel(metric + (" (lower is better)" if metric.startswith("fd_") else ""))
+        ax.set_ylabel(metric)
     axes[0].legend(fontsize=7)
     fig.suptitle("image quality against sampling steps")
     fig.tight_layout()
