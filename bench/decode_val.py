@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 import unclip
 from unclip.attributes import attribute_accuracy, load_classifier
 from unclip.demo import ARTIFACTS, ROOT
+from unclip.evaluate import markdown
 
 
 def scores(classifier, clip, images: torch.Tensor, z_img: torch.Tensor, objects: list) -> dict:
@@ -48,9 +49,7 @@ def main(n: int = 128, guidance=(1.0, 5.0), seed: int = 0) -> list[dict]:
             decoded = decoder.sample(batch["img_emb"], batch["caption"], torch.Generator().manual_seed(seed), float(scale))
             rows.append({"split": split, "images": f"decoded, guidance {scale:g}",
                          **scores(classifier, clip, decoded, batch["img_emb"], objects)})
-    print("| split | images | attr_acc | shape | colour | clip_sim |\n|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['split']} | {r['images']} | {r['attr_acc']:.3f} | {r['shape']:.3f} | {r['colour']:.3f} | {r['clip_sim']:.3f} |")
+    print(markdown(rows, ["split", "images", "attr_acc", "shape", "colour", "clip_sim"]), end="")
     return rows
 
 
