@@ -1,4 +1,5 @@
-# make demo  : set up .venv and run the pipeline end to end on the built-in shapes data
+# make demo  : set up .venv and run the pipeline end to end on the built-in shapes data (~20 min on 2 cores)
+# make demo-full : the same with the longer schedule whose pictures are recognisable (outputs/full/)
 # make test  : set up .venv and run the test suite
 # make bench : throughput benchmarks (results in bench/results.md)
 PYTHON ?= python3.11
@@ -8,7 +9,7 @@ STAMP := $(VENV)/.installed
 export WANDB_MODE ?= offline
 export HYDRA_FULL_ERROR ?= 0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo demo-full test bench clean
 
 setup: $(STAMP)
 
@@ -22,6 +23,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: setup
 	$(PY) -m unclip.demo
+
+demo-full: setup
+	$(PY) -m unclip.demo profile=full
 
 test: setup
 	$(PY) -m pytest -q

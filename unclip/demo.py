@@ -2,43 +2,186 @@
 in a grid of prompts × samples for each prior (``outputs/demo/grid_<prior>.png``) scored by the
 project's attribute classifier (``outputs/demo/results.json``).
 
+    python -m unclip.demo                 # profile=fast: about 20 minutes on 2 cores
+    python -m unclip.demo profile=full    # the longer schedule whose pictures are recognisable, under outputs/full/
+
 Stages run as the user would run them (``python -m unclip.data.shapes``, ``python train.py``,
 ``python -m unclip.embed``, ``python -m unclip.attributes``), so an interrupted demo resumes: data and
 cache shards are written atomically and training resumes from its run directory's ``last.ckpt``.
-Stage times go to ``outputs/demo/timings.json``.
+Stages that do not wait on each other run side by side (``jobs=``, default 2), because small CPU models
+use two cores in one process less well than two processes use one each. Each stage's output goes to
+``DEMO/logs/STAGE.log`` and its time to ``DEMO/timings.json``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = Path("outputs")
-DEMO = OUT / "demo"
-ARTIFACTS = OUT / "artifacts"
-QUIET = ["trainer.enable_progress_bar=false", "run.name=demo"]
+QUIET = ("trainer.enable_progress_bar=false", "run.name=demo")
 
-# Demo-size training runs: the stage's overrides on top of conf/train.yaml. Each stage publishes to
-# outputs/artifacts/KIND/shapes.*, which is what marks it done.
-STAGES = {
-    "clip": (["model=clip_pretrain", "trainer.max_steps=600", "trainer.val_check_interval=300", "data.batch_size=256",
-              "optim.optimizer.lr=1e-3", "optim.warmup_steps=50"], ARTIFACTS / "clip" / "shapes.pt"),
-    "diffusion_prior": (["model=diffusion_prior", "trainer.max_steps=400", "trainer.val_check_interval=400",
-                         "model.module.val_pool=250"], ARTIFACTS / "diffusion_prior" / "shapes.ckpt"),
-    "ar_prior": (["model=ar_prior", "trainer.max_steps=400", "trainer.val_check_interval=400", "model.module.val_pool=250"],
-                 ARTIFACTS / "ar_prior" / "shapes.ckpt"),
-    # the stage that makes pictures recognisable: ~0.5 s a step on 2 idle cores at batch 32; shape accuracy
-    # was still rising at 4,800 steps
-    "decoder": (["model=decoder", "trainer.max_steps=4800", "trainer.val_check_interval=500", "data.batch_size=32",
-                 "optim.optimizer.lr=1e-3"], ARTIFACTS / "decoder" / "shapes.ckpt"),
-    "upsampler": (["model=upsampler_32_64", "trainer.max_steps=300", "trainer.val_check_interval=300", "data.batch_size=32",
-                   "optim.optimizer.lr=2e-3", "optim.warmup_steps=50", "trainer.limit_val_batches=1"],
-                  ARTIFACTS / "upsampler" / "shapes.ckpt"),
+
+@dataclass(frozen=True)
+class Stage:
+    """One command of the demo: ``python ARGS``, finished once ``done`` exists, started once ``needs`` are."""
+
+    name: str
+    args: tuple[str, ...]
+    done: Path
+    needs: tuple[str, ...] = ()
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+def run_stages(stages: list[Stage], jobs: int, logs: Path, timings: dict, cpus: int | None = None,
+               poll_s: float = 0.2) -> None:
+    """Runs every unfinished stage once the stages it needs have finished, up to ``jobs`` at a time, in
+    list order (put the longest chain first). Running stages share the cores: each starts with
+    ``cpus // jobs`` threads (every core when nothing could run beside it), and a training stage takes
+    the cores a finished neighbour leaves (``ThreadShare`` reads ``logs/STAGE.threads``). A failed stage
+    stops the others and raises with its log's tail; rerunning picks up from what finished."""
+    from unclip.training import ThreadShare
+
+    cpus = cpus or os.cpu_count() or 1
+    by_name = {s.name: s for s in stages}
+    for stage in stages:
+        unknown = [n for n in stage.needs if n not in by_name]
+        if unknown:
+            raise ValueError(f"stage {stage.name!r} needs unknown stages {unknown}")
+    finished = {s.name for s in stages if s.done.exists()}
+    for name in sorted(finished):
+        print(f"[demo] {name}: done already ({by_name[name].done})", flush=True)
+    pending = [s for s in stages if s.name not in finished]
+    running: dict[str, tuple[subprocess.Popen, float, Path]] = {}
+    logs.mkdir(parents=True, exist_ok=True)
+
+    def share(name: str, threads: int) -> None:
+        (logs / f"{name}.threads").write_text(str(threads))
+
+    try:
+        while pending or running:
+            ready = [s for s in pending if all(n in finished for n in s.needs)]
+            while ready and len(running) < jobs:
+                stage = ready.pop(0)
+                pending.remove(stage)
+                threads = cpus if not running and not ready else max(1, cpus // jobs)
+                for name in running:  # a newcomer: the others go back to their share
+                    share(name, max(1, cpus // jobs))
+                share(stage.name, threads)
+                log = logs / f"{stage.name}.log"
+                env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                       ThreadShare.ENV: str((logs / f"{stage.name}.threads").resolve())}
+                print(f"[demo] {stage.name}: python {' '.join(stage.args)}  ({threads} thread{'s' * (threads > 1)}, "
+                      f"log {log})", flush=True)
+                with open(log, "w") as handle:
+                    process = subprocess.Popen([sys.executable, *stage.args], cwd=ROOT, env=env, stdout=handle,
+                                               stderr=subprocess.STDOUT)
+                running[stage.name] = (process, time.perf_counter(), log)
+            if not running:
+                blocked = ", ".join(f"{s.name} (needs {list(s.needs)})" for s in pending)
+                raise StageFailed(f"stages that can never start: {blocked}")
+            time.sleep(poll_s)
+            for name, (process, start, log) in list(running.items()):
+                if process.poll() is None:
+                    continue
+                del running[name]
+                if process.returncode != 0 or not by_name[name].done.exists():
+                    tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+                    why = f"exit code {process.returncode}" if process.returncode else f"no {by_name[name].done}"
+                    raise StageFailed(f"stage {name} failed ({why}); the end of {log}:\n{tail}\n"
+                                      f"Rerun to resume: finished stages are kept.")
+                timings[name] = round(time.perf_counter() - start, 1)
+                finished.add(name)
+                print(f"[demo] {name}: {timings[name]} s", flush=True)
+                if running and not any(all(n in finished for n in s.needs) for s in pending):
+                    for other in running:  # nothing new can start: the survivors take the freed cores
+                        share(other, max(1, cpus // len(running)))
+    finally:
+        for process, _, _ in running.values():
+            process.terminate()
+        for process, _, _ in running.values():
+            process.wait()
+
+
+# Each profile's stage settings: overrides on top of the stage's config (conf/train.yaml, conf/attributes.yaml).
+PROFILES = {
+    # About 20 minutes on 2 cores, setup included: every stage, small. The CLIP is unclip-tiny-32 (32 px image
+    # tower, 64-wide text tower, ~4x cheaper a step than unclip-tiny), the priors are half as wide and deep
+    # (the diffusion prior loses nothing by it at this length), and the decoder gets the time that is left:
+    # colours and positions come out, shapes need the full profile's decoder.
+    "fast": {
+        "root": "outputs",
+        "clip": ("trainer.max_steps=300", "trainer.val_check_interval=300", "data.batch_size=256",
+                 "optim.optimizer.lr=1e-3", "optim.warmup_steps=30"),
+        "diffusion_prior": ("trainer.max_steps=300", "trainer.val_check_interval=300", "model.module.val_pool=250",
+                            "model.module.net.dim=128", "model.module.net.depth=2"),
+        # 64 bins a component and a higher learning rate: 256 bins at 5e-4 were still near chance at 300 steps
+        "ar_prior": ("trainer.max_steps=400", "trainer.val_check_interval=400", "model.module.val_pool=250",
+                     "model.module.net.dim=128", "model.module.net.depth=2", "model.module.tokenizer.bins=64",
+                     "optim.optimizer.lr=1e-3"),
+        "decoder": ("model.module.text_cond=true", "trainer.max_steps=550", "trainer.val_check_interval=550",
+                    "data.batch_size=32", "optim.optimizer.lr=1e-3", "trainer.limit_val_batches=1"),
+        "upsampler": ("trainer.max_steps=80", "trainer.val_check_interval=80", "data.batch_size=32",
+                      "optim.optimizer.lr=2e-3", "optim.warmup_steps=20", "trainer.limit_val_batches=1",
+                      "model.module.val_images=8"),
+        "attributes": ("train.epochs=3",),
+        "grids": {"decoder_steps": 20, "upsampler_steps": 8},
+    },
+    # The recipe of the previous, sequential demo (measured: 84 min 46 s on 2 cores, grids 0.50 / 0.38): the 64 px
+    # unclip-tiny CLIP and a 4,800-step decoder, which is what makes shapes come out.
+    "full": {
+        "root": "outputs/full",
+        "clip": ("model.module.model_name=unclip-tiny", "trainer.max_steps=600", "trainer.val_check_interval=300",
+                 "data.batch_size=256", "optim.optimizer.lr=1e-3", "optim.warmup_steps=50"),
+        "diffusion_prior": ("trainer.max_steps=400", "trainer.val_check_interval=400", "model.module.val_pool=250"),
+        "ar_prior": ("trainer.max_steps=400", "trainer.val_check_interval=400", "model.module.val_pool=250"),
+        "decoder": ("trainer.max_steps=4800", "trainer.val_check_interval=500", "data.batch_size=32",
+                    "optim.optimizer.lr=1e-3"),
+        "upsampler": ("trainer.max_steps=300", "trainer.val_check_interval=300", "data.batch_size=32",
+                      "optim.optimizer.lr=2e-3", "optim.warmup_steps=50", "trainer.limit_val_batches=1"),
+        "attributes": (),
+        "grids": {},
+    },
 }
+
+
+def stages(profile: dict) -> list[Stage]:
+    """The demo's stages, longest chain first: CLIP -> cache -> decoder decides the wall time, the rest runs
+    beside it. Training stages publish to ROOT/artifacts/KIND/shapes.*, which marks them done."""
+    root = Path(profile["root"])
+    data, artifacts = root / "data" / "shapes", root / "artifacts"
+    paths = (f"paths.root={root}",)
+
+    def train(model: str, *overrides: str) -> tuple[str, ...]:
+        return ("train.py", f"model={model}", *paths, *overrides, *QUIET)
+
+    def published(kind: str, suffix: str = ".ckpt") -> Path:
+        return artifacts / kind / f"shapes{suffix}"
+
+    cache = root / "cache" / "shapes" / "shapes_tiny" / "stats.npz"
+    return [
+        Stage("data", ("-m", "unclip.data.shapes", f"out={data}", "n=10000", "size=64", "shards=8"), data / "manifest.json"),
+        Stage("clip", train("clip_pretrain", *profile["clip"]), published("clip", ".pt"), needs=("data",)),
+        Stage("embed", ("-m", "unclip.embed", *paths, "progress=false"), cache, needs=("clip",)),
+        Stage("decoder", train("decoder", *profile["decoder"]), published("decoder"), needs=("embed",)),
+        Stage("attributes", ("-m", "unclip.attributes", *paths, *profile["attributes"]), published("attributes", ".pt"),
+              needs=("data",)),
+        Stage("upsampler", train("upsampler_32_64", *profile["upsampler"]), published("upsampler"), needs=("data",)),
+        Stage("diffusion_prior", train("diffusion_prior", *profile["diffusion_prior"]), published("diffusion_prior"),
+              needs=("embed",)),
+        Stage("ar_prior", train("ar_prior", *profile["ar_prior"]), published("ar_prior"),
+              needs=("embed",)),
+    ]
+
+
 PRIORS = ("diffusion_prior", "ar_prior")
 
 # Each prompt names what the attribute classifier checks in the samples.
@@ -55,18 +198,7 @@ PROMPTS = [
 SAMPLES_PER_PROMPT = 8
 
 
-def run(stage: str, args: list[str], done: Path, timings: dict) -> None:
-    if done.exists():
-        print(f"[demo] {stage}: done already ({done})", flush=True)
-        return
-    print(f"[demo] {stage}: python {' '.join(args)}", flush=True)
-    start = time.perf_counter()
-    subprocess.run([sys.executable, *args], cwd=ROOT, check=True)
-    timings[stage] = round(time.perf_counter() - start, 1)
-    print(f"[demo] {stage}: {timings[stage]} s", flush=True)
-
-
-def sample_grids(timings: dict) -> dict:
+def sample_grids(root: Path, timings: dict, **settings) -> dict:
     """For each prior: prompts × samples through the pipeline, a PNG grid, and the attribute accuracy."""
     import torch
 
@@ -74,44 +206,67 @@ def sample_grids(timings: dict) -> dict:
     from unclip.pipeline import UnCLIPPipeline
     from unclip.sampling import save_grid
 
-    classifier = load_classifier(ARTIFACTS / "attributes" / "shapes.pt")
-    upsamplers = ["upsampler"] if (ARTIFACTS / "upsampler" / "shapes.ckpt").exists() else []
+    artifacts, demo = root / "artifacts", root / "demo"
+    classifier = load_classifier(artifacts / "attributes" / "shapes.pt")
+    upsamplers = ["upsampler"] if (artifacts / "upsampler" / "shapes.ckpt").exists() else []
     prompts = [p for p, _ in PROMPTS]
     labels = [objects for _, objects in PROMPTS for _ in range(SAMPLES_PER_PROMPT)]
     results = {}
     for prior in PRIORS:
         start = time.perf_counter()
-        pipe = UnCLIPPipeline.from_checkpoints(decoder="decoder", prior=prior, upsamplers=upsamplers, artifacts=ARTIFACTS)
+        pipe = UnCLIPPipeline.from_checkpoints(decoder="decoder", prior=prior, upsamplers=upsamplers, artifacts=artifacts)
         with torch.no_grad():
-            out = pipe.generate(prompts, n=SAMPLES_PER_PROMPT, seed=0)
-        grid = save_grid(out.pixels, SAMPLES_PER_PROMPT, DEMO / f"grid_{prior}.png")
+            out = pipe.generate(prompts, n=SAMPLES_PER_PROMPT, seed=0, **settings)
+        grid = save_grid(out.pixels, SAMPLES_PER_PROMPT, demo / f"grid_{prior}.png")
         scores = attribute_accuracy(classifier, out.pixels, labels)
         results[prior] = {"grid": str(grid), **{k: round(float(v), 4) for k, v in scores.items()}}
         timings[f"grid_{prior}"] = round(time.perf_counter() - start, 1)
         print(f"[demo] {grid}: {results[prior]}", flush=True)
-    (DEMO / "prompts.txt").write_text("\n".join(f"row {i}: {p}" for i, p in enumerate(prompts)) + "\n")
+    (demo / "prompts.txt").write_text("\n".join(f"row {i}: {p}" for i, p in enumerate(prompts)) + "\n")
     return results
 
 
-def main() -> None:
-    DEMO.mkdir(parents=True, exist_ok=True)
-    timings_path = DEMO / "timings.json"
+def parse_cli(argv: list[str]) -> tuple[str, int]:
+    """``profile=fast|full`` and ``jobs=N`` (stages side by side; default one per core, at most 2)."""
+    profile, jobs = "fast", min(2, os.cpu_count() or 1)
+    usage = f"usage: python -m unclip.demo [profile={'|'.join(PROFILES)}] [jobs=N]"
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key == "profile" and value in PROFILES:
+            profile = value
+        elif key == "jobs" and value.isdigit() and int(value) >= 1:
+            jobs = int(value)
+        else:
+            raise SystemExit(f"bad argument {arg!r}; {usage}")
+    return profile, jobs
+
+
+def main(argv: list[str] | None = None) -> None:
+    name, jobs = parse_cli(sys.argv[1:] if argv is None else argv)
+    profile = PROFILES[name]
+    root = Path(profile["root"])
+    demo = root / "demo"
+    demo.mkdir(parents=True, exist_ok=True)
+    timings_path = demo / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     total = time.perf_counter()
-    data = OUT / "data" / "shapes"
-    run("data", ["-m", "unclip.data.shapes", f"out={data}", "n=10000", "size=64", "shards=8"], data / "manifest.json", timings)
-    run("clip", ["train.py", *STAGES["clip"][0], *QUIET], STAGES["clip"][1], timings)
-    run("embed", ["-m", "unclip.embed", "progress=false"], OUT / "cache" / "shapes" / "shapes_tiny" / "stats.npz", timings)
-    run("attributes", ["-m", "unclip.attributes"], ARTIFACTS / "attributes" / "shapes.pt", timings)
-    for stage in ("diffusion_prior", "ar_prior", "decoder", "upsampler"):
-        run(stage, ["train.py", *STAGES[stage][0], *QUIET], STAGES[stage][1], timings)
+    try:
+        run_stages(stages(profile), jobs, demo / "logs", timings)
+    finally:
         timings_path.write_text(json.dumps(timings, indent=1))
-    results = sample_grids(timings)
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    results = sample_grids(root, timings, **profile["grids"])
+    timings["total_this_run"] = round(time.perf_counter() - total, 1)
     timings_path.write_text(json.dumps(timings, indent=1))
-    (DEMO / "results.json").write_text(json.dumps(results, indent=1))
-    print(f"[demo] grids: {', '.join(r['grid'] for r in results.values())} (rows: {DEMO / 'prompts.txt'}); "
-          f"this run {time.perf_counter() - total:.0f} s; stage times (s) {timings}", flush=True)
+    (demo / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"[demo] grids: {', '.join(r['grid'] for r in results.values())} (rows: {demo / 'prompts.txt'}); "
+          f"this run {timings['total_this_run']:.0f} s; stage times (s) {timings}", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except StageFailed as error:
+        raise SystemExit(f"[demo] {error}") from None

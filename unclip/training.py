@@ -73,6 +73,27 @@ class RunCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
+class ThreadShare(pl.Callback):
+    """Follows a thread count that another process may change while this one trains: the file named by
+    ``UNCLIP_THREADS_FILE``, read every ``every`` steps. ``make demo`` runs stages side by side and gives a
+    stage the cores its neighbour leaves when the neighbour finishes."""
+
+    ENV = "UNCLIP_THREADS_FILE"
+
+    def __init__(self, path: str | Path, every: int = 10):
+        self.path, self.every = Path(path), every
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if batch_idx % self.every:
+            return
+        try:
+            threads = int(self.path.read_text())
+        except (OSError, ValueError):  # absent or being rewritten: keep the current count
+            return
+        if threads > 0 and threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+
+
 def build_trainer(cfg: DictConfig, directory: Path, callbacks: list | None = None) -> pl.Trainer:
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     every = trainer_cfg.pop("checkpoint_every_n_steps", None)
@@ -82,6 +103,8 @@ def build_trainer(cfg: DictConfig, directory: Path, callbacks: list | None = Non
     # stage callbacks (e.g. the EMA of the net) come from the model config
     stage_callbacks = [instantiate(c, _convert_="all") for c in (cfg.model.get("callbacks") or {}).values() if c]
     callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), *stage_callbacks, *(callbacks or [])]
+    if os.environ.get(ThreadShare.ENV):
+        callbacks.append(ThreadShare(os.environ[ThreadShare.ENV]))
     return instantiate(trainer_cfg, accelerator=cfg.strategy.accelerator, devices=cfg.strategy.devices,
                        num_nodes=cfg.strategy.num_nodes, strategy=build_strategy(cfg), logger=build_logger(cfg, directory),
                        callbacks=callbacks, default_root_dir=str(directory), _convert_="all")
