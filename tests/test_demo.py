@@ -1,15 +1,17 @@
 """The demo's stage runner: dependencies, side-by-side stages, threads, resuming and failures."""
 
 import json
+import os
+import time
 
 import pytest
 
-from unclip.demo import PROFILES, Stage, StageFailed, parse_cli, run_stages, stages
+from unclip.demo import PROFILES, ROOT, Stage, StageFailed, check_profile, parse_cli, run_stages, stages
 
 
 def script(done, body: str = "pass") -> tuple[str, ...]:
     """A stage that runs ``body``, then records when it ran and with how many threads, into ``done``."""
-    code = ("import json, os, sys, time; start = time.time(); " + body + "; "
+    code = ("import json, os, sys, time\nstart = time.time()\n" + body + "\n"
             f"json.dump({{'start': start, 'end': time.time(), 'threads': os.environ['OMP_NUM_THREADS']}}, "
             f"open({str(done)!r}, 'w'))")
     return ("-c", code)
@@ -19,16 +21,22 @@ def record(path) -> dict:
     return json.loads(path.read_text())
 
 
+def wait_for(path) -> str:
+    """Script text: wait (up to 30 s) until ``path`` exists. Stages meet through files, not through timing."""
+    return f"deadline = time.time() + 30\nwhile not os.path.exists({str(path)!r}) and time.time() < deadline: time.sleep(0.02)\n"
+
+
 def test_stages_wait_for_what_they_need_and_run_side_by_side(tmp_path):
     a, b, c = (tmp_path / f"{n}.json" for n in "abc")
-    plan = [Stage("a", script(a, "time.sleep(0.6)"), a),
+    # a runs until c has finished, so both were running at once and nothing runs beside b
+    plan = [Stage("a", script(a, wait_for(c) + "time.sleep(0.3)"), a),
             Stage("b", script(b, f"assert os.path.exists({str(a)!r})"), b, needs=("a",)),
-            Stage("c", script(c, "time.sleep(0.6)"), c)]
+            Stage("c", script(c, "pass"), c)]
     timings = {}
     run_stages(plan, jobs=2, logs=tmp_path / "logs", timings=timings, cpus=4)
     assert set(timings) == {"a", "b", "c"}
     assert record(b)["start"] >= record(a)["end"]  # b waited for a
-    assert record(c)["start"] < record(a)["end"] and record(a)["start"] < record(c)["end"]  # a and c overlapped
+    assert record(c)["start"] < record(a)["end"]  # c ran while a did
     assert record(a)["threads"] == record(c)["threads"] == "2"  # two side by side share the 4 cores
     assert record(b)["threads"] == "4"  # nothing else could run beside it
     assert (tmp_path / "logs" / "b.log").exists()
@@ -79,20 +87,60 @@ def test_demo_plan_orders_every_stage_after_what_it_reads(profile):
     needs = {s.name: s.needs for s in plan}
     assert needs["embed"] == ("clip",)
     assert {"decoder", "diffusion_prior", "ar_prior"} <= {s.name for s in plan if "embed" in s.needs}
-    root = PROFILES[profile]["root"]
-    assert all(str(s.done).startswith(root) for s in plan)  # a profile keeps to its own root
-    assert all(f"paths.root={root}" in s.args for s in plan if s.args[0] == "train.py")
+    root = ROOT / PROFILES[profile]["root"]  # under the repository, wherever the demo is started from
+    assert all(root in s.done.parents for s in plan)  # a profile keeps to its own root
+    assert all(f"paths.root={root}" in s.args for s in plan if s.args[0] in ("train.py", "-m") and s.name != "data")
 
 
 def test_a_stage_takes_the_cores_its_finished_neighbour_leaves(tmp_path):
-    a, c = tmp_path / "a.json", tmp_path / "c.json"
-    # c starts beside a with half the cores, then waits until its threads file grants all four
+    a, c, seen = tmp_path / "a.json", tmp_path / "c.json", tmp_path / "c-read-its-share"
+    # c starts beside a with half the cores and says so; a then ends, and c waits for all four
     wait = ("path = os.environ['UNCLIP_THREADS_FILE']; first = open(path).read(); "
-            "deadline = time.time() + 20\nwhile open(path).read() != '4' and time.time() < deadline: time.sleep(0.05)\n"
+            f"open({str(seen)!r}, 'w').close(); deadline = time.time() + 30\n"
+            "while open(path).read() != '4' and time.time() < deadline: time.sleep(0.02)\n"
             "assert first == '2' and open(path).read() == '4'")
-    run_stages([Stage("a", script(a, "time.sleep(0.3)"), a), Stage("c", script(c, wait), c)], jobs=2,
+    run_stages([Stage("a", script(a, wait_for(seen)), a), Stage("c", script(c, wait), c)], jobs=2,
                logs=tmp_path / "logs", timings={}, cpus=4)
     assert record(c)["end"] > record(a)["end"]
+
+
+def test_a_failure_stops_the_stage_beside_it(tmp_path):
+    started, slow = tmp_path / "slow-started", tmp_path / "slow.json"
+    plan = [Stage("slow", script(slow, f"open({str(started)!r}, 'w').close(); time.sleep(60)"), slow),
+            Stage("bad", ("-c", f"import os, time\n{wait_for(started)}raise SystemExit(1)"), tmp_path / "bad.json")]
+    begin = time.time()
+    with pytest.raises(StageFailed, match="stage bad failed"):
+        run_stages(plan, jobs=2, logs=tmp_path / "logs", timings={}, cpus=2)
+    assert started.exists() and not slow.exists() and time.time() - begin < 30
+
+
+def test_training_runs_follow_the_demo_threads_file(tmp_path, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    from unclip.training import ThreadShare, build_trainer
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.root={tmp_path}", "strategy.accelerator=cpu"])
+    monkeypatch.delenv(ThreadShare.ENV, raising=False)
+    assert not any(isinstance(c, ThreadShare) for c in build_trainer(cfg, tmp_path).callbacks)
+    monkeypatch.setenv(ThreadShare.ENV, str(tmp_path / "x.threads"))
+    assert any(isinstance(c, ThreadShare) for c in build_trainer(cfg, tmp_path).callbacks)
+
+
+def test_a_root_made_by_another_recipe_is_refused(tmp_path):
+    plan = stages(PROFILES["fast"])
+    root = tmp_path / "outputs"
+    moved = [Stage(s.name, s.args, root / s.done.relative_to(ROOT / "outputs"), s.needs) for s in plan]
+    check_profile(root, "fast", moved)  # empty: claimed for fast
+    assert json.loads((root / "demo" / "profile.json").read_text()) == {"profile": "fast"}
+    with pytest.raises(StageFailed, match="not profile full"):
+        check_profile(root, "full", moved)
+    (root / "demo" / "profile.json").unlink()
+    decoder = next(s for s in moved if s.name == "decoder").done
+    decoder.parent.mkdir(parents=True)
+    decoder.write_text("")  # a stage from before the stamp, e.g. an older demo
+    with pytest.raises(StageFailed, match="made by something other than this demo"):
+        check_profile(root, "fast", moved)
 
 
 def test_thread_share_follows_its_file(tmp_path):
@@ -116,3 +164,37 @@ def test_thread_share_follows_its_file(tmp_path):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_killing_the_demo_stops_its_stages(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    started, pid_file = tmp_path / "started", tmp_path / "stage.pid"
+    stage = ("-c", f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+                   f"open({str(started)!r}, 'w').close()\ntime.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from pathlib import Path; from unclip.demo import Stage, run_stages, stop_on_sigterm\n"
+        f"stop_on_sigterm(); run_stages([Stage('long', {stage!r}, Path({str(tmp_path / 'never')!r}))], 1, "
+        f"Path({str(tmp_path / 'logs')!r}), {{}})")], cwd=ROOT)
+    deadline = time.time() + 30
+    while not started.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert started.exists()
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=30) == 143
+    child = int(pid_file.read_text())
+    deadline = time.time() + 10
+    while alive(child) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not alive(child), "the stage outlived the demo"
+
+
+def alive(pid: int) -> bool:
+    """Running, as opposed to gone or a zombie nobody has reaped yet."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -61,6 +61,9 @@ class FrozenCLIP:
         if pretrained and Path(pretrained).exists() and Path(pretrained).with_suffix(".json").exists():
             published = register_published(pretrained)
             model_name = model_name or published
+        if not model_name and pretrained:
+            raise ValueError(f"no model config {Path(pretrained).with_suffix('.json')} beside the CLIP weights {pretrained}; "
+                             f"pass clip.model_name (the open_clip architecture of those weights, e.g. unclip-tiny)")
         if not model_name:
             raise ValueError("clip.model_name is required (an open_clip model name, e.g. ViT-B-32 or unclip-tiny)")
         if precision not in DTYPES:
@@ -162,8 +165,10 @@ def save_published(model: torch.nn.Module, model_name: str, path: str | Path) ->
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     config = open_clip.get_model_config(model_name)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-    tmp.replace(path)
-    path.with_suffix(".json").write_text(json.dumps(config, indent=1))
+    # the config first and each file atomically: the weights' file is what marks a CLIP published
+    for target, write in ((path.with_suffix(".json"), lambda f: f.write_text(json.dumps(config, indent=1))),
+                          (path, lambda f: torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, f))):
+        tmp = target.with_name(target.name + ".tmp")
+        write(tmp)
+        tmp.replace(target)
     return path

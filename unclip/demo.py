@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -42,12 +43,14 @@ class StageFailed(RuntimeError):
 
 
 def run_stages(stages: list[Stage], jobs: int, logs: Path, timings: dict, cpus: int | None = None,
-               poll_s: float = 0.2) -> None:
+               poll_s: float = 0.2, on_finish=None) -> None:
     """Runs every unfinished stage once the stages it needs have finished, up to ``jobs`` at a time, in
     list order (put the longest chain first). Running stages share the cores: each starts with
     ``cpus // jobs`` threads (every core when nothing could run beside it), and a training stage takes
     the cores a finished neighbour leaves (``ThreadShare`` reads ``logs/STAGE.threads``). A failed stage
-    stops the others and raises with its log's tail; rerunning picks up from what finished."""
+    stops the others and raises with its log's tail; rerunning picks up from what finished. Stages that are
+    not Lightning runs (data, embed, attributes) keep the threads they started with. ``on_finish(name)`` is
+    called after each stage, once its time is in ``timings``."""
     from unclip.training import ThreadShare
 
     cpus = cpus or os.cpu_count() or 1
@@ -101,6 +104,8 @@ def run_stages(stages: list[Stage], jobs: int, logs: Path, timings: dict, cpus: 
                 timings[name] = round(time.perf_counter() - start, 1)
                 finished.add(name)
                 print(f"[demo] {name}: {timings[name]} s", flush=True)
+                if on_finish:
+                    on_finish(name)
                 if running and not any(all(n in finished for n in s.needs) for s in pending):
                     for other in running:  # nothing new can start: the survivors take the freed cores
                         share(other, max(1, cpus // len(running)))
@@ -108,7 +113,11 @@ def run_stages(stages: list[Stage], jobs: int, logs: Path, timings: dict, cpus: 
         for process, _, _ in running.values():
             process.terminate()
         for process, _, _ in running.values():
-            process.wait()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 # Each profile's stage settings: overrides on top of the stage's config (conf/train.yaml, conf/attributes.yaml).
@@ -156,7 +165,7 @@ PROFILES = {
 def stages(profile: dict) -> list[Stage]:
     """The demo's stages, longest chain first: CLIP -> cache -> decoder decides the wall time, the rest runs
     beside it. Training stages publish to ROOT/artifacts/KIND/shapes.*, which marks them done."""
-    root = Path(profile["root"])
+    root = ROOT / profile["root"]
     data, artifacts = root / "data" / "shapes", root / "artifacts"
     paths = (f"paths.root={root}",)
 
@@ -241,26 +250,49 @@ def parse_cli(argv: list[str]) -> tuple[str, int]:
     return profile, jobs
 
 
+def check_profile(root: Path, name: str, plan: list[Stage]) -> None:
+    """Refuses to mix profiles in one root: a stage another recipe finished would be skipped, and its grid
+    reported under this profile's name. ``demo/profile.json`` records which profile the root belongs to."""
+    stamp = root / "demo" / "profile.json"
+    made_by = json.loads(stamp.read_text()).get("profile") if stamp.exists() else None
+    finished = [s.name for s in plan if s.done.exists()]
+    if made_by not in (None, name) or (made_by is None and set(finished) - {"data"}):
+        raise StageFailed(f"{root} holds stages ({', '.join(finished)}) made by "
+                          f"{'profile ' + made_by if made_by else 'something other than this demo'}, not profile {name}: "
+                          f"move {root / 'artifacts'} away (or delete it) to rerun them, or run that profile")
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps({"profile": name}))
+
+
+def stop_on_sigterm() -> None:
+    """A plain ``kill`` of the demo stops its stages too (SystemExit runs run_stages' cleanup), so no
+    orphaned trainer keeps writing a run directory that a rerun would also write."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 def main(argv: list[str] | None = None) -> None:
     name, jobs = parse_cli(sys.argv[1:] if argv is None else argv)
+    stop_on_sigterm()
     profile = PROFILES[name]
-    root = Path(profile["root"])
+    root = ROOT / profile["root"]
     demo = root / "demo"
-    demo.mkdir(parents=True, exist_ok=True)
+    plan = stages(profile)
+    check_profile(root, name, plan)
     timings_path = demo / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    total = time.perf_counter()
-    try:
-        run_stages(stages(profile), jobs, demo / "logs", timings)
-    finally:
+    timings: dict[str, float] = {}  # this run's: stages finished earlier keep their time in their own log
+
+    def save(_stage: str | None = None) -> None:
         timings_path.write_text(json.dumps(timings, indent=1))
+
+    total = time.perf_counter()
+    run_stages(plan, jobs, demo / "logs", timings, on_finish=save)
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
     results = sample_grids(root, timings, **profile["grids"])
     timings["total_this_run"] = round(time.perf_counter() - total, 1)
-    timings_path.write_text(json.dumps(timings, indent=1))
-    (demo / "results.json").write_text(json.dumps(results, indent=1))
+    save()
+    (demo / "results.json").write_text(json.dumps({"profile": name, **results}, indent=1))
     print(f"[demo] grids: {', '.join(r['grid'] for r in results.values())} (rows: {demo / 'prompts.txt'}); "
           f"this run {timings['total_this_run']:.0f} s; stage times (s) {timings}", flush=True)
 

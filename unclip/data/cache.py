@@ -176,11 +176,13 @@ def write_meta(cache_dir: str | Path, meta: dict) -> None:
 
 
 def check_identity(meta: dict, identity: dict, cache_dir) -> None:
-    """Refuses a cache made by another CLIP: identity is (model name, sha256 of the weights)."""
+    """Refuses a cache made by another CLIP: the sha256 of the weights when both sides know it, else the model name."""
     cached = meta.get("clip", {})
-    same = cached.get("model") == identity.get("model") and meta.get("dim", identity.get("dim")) == identity.get("dim")
-    if cached.get("sha256") is not None:  # ingested caches (clip-retrieval) know the model name, not the weights
+    same = meta.get("dim", identity.get("dim")) == identity.get("dim")
+    if cached.get("sha256") is not None and identity.get("sha256") is not None:  # the weights decide, whatever their name
         same = same and cached.get("sha256") == identity.get("sha256")
+    else:  # ingested caches (clip-retrieval) know the model name, not the weights
+        same = same and cached.get("model") == identity.get("model")
     if not same:
         raise ValueError(
             f"embedding cache {cache_dir} was made with CLIP {cached.get('model')} (weights {str(cached.get('sha256'))[:12]}, "
