@@ -54,6 +54,7 @@ def run_stages(stages: list[Stage], jobs: int, logs: Path, timings: dict, cpus: 
     from unclip.training import ThreadShare
 
     cpus = cpus or os.cpu_count() or 1
+    each = max(1, cpus // jobs)  # a stage's threads while others run beside it
     by_name = {s.name: s for s in stages}
     for stage in stages:
         unknown = [n for n in stage.needs if n not in by_name]
@@ -75,9 +76,9 @@ def run_stages(stages: list[Stage], jobs: int, logs: Path, timings: dict, cpus: 
             while ready and len(running) < jobs:
                 stage = ready.pop(0)
                 pending.remove(stage)
-                threads = cpus if not running and not ready else max(1, cpus // jobs)
+                threads = cpus if not running and not ready else each
                 for name in running:  # a newcomer: the others go back to their share
-                    share(name, max(1, cpus // jobs))
+                    share(name, each)
                 share(stage.name, threads)
                 log = logs / f"{stage.name}.log"
                 env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     plan = stages(profile)
     check_profile(root, name, plan)
     timings_path = demo / "timings.json"
-    timings: dict[str, float] = {}  # this run's: stages finished earlier keep their time in their own log
+    timings: dict[str, float] = {}  # this run's only: stages finished in an earlier run are not timed again
 
     def save(_stage: str | None = None) -> None:
         timings_path.write_text(json.dumps(timings, indent=1))
