@@ -21,7 +21,7 @@ from unclip.attributes import attribute_accuracy, load_classifier
 from unclip.demo import PROFILES, ROOT
 from unclip.evaluate import markdown
 
-ARTIFACTS = ROOT / PROFILES["fast"]["root"] / "artifacts"  # what `make demo` publishes
+ARTIFACTS = ROOT / PROFILES["full"]["root"] / "artifacts"  # what `make demo` publishes
 
 
 def scores(classifier, clip, images: torch.Tensor, z_img: torch.Tensor, objects: list) -> dict:

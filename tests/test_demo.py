@@ -72,9 +72,11 @@ def test_unknown_needs_and_arguments_are_refused(tmp_path):
         run_stages([Stage("a", ("-c", "pass"), tmp_path / "a", needs=("missing",))], jobs=1, logs=tmp_path, timings={})
     with pytest.raises(SystemExit, match="bad argument 'job=2'"):
         parse_cli(["job=2"])
-    with pytest.raises(SystemExit, match="bad argument 'profile=huge'.*profile=fast\\|full"):
+    with pytest.raises(SystemExit, match="bad argument 'profile=huge'.*profile=full\\|fast"):
         parse_cli(["profile=huge"])
-    assert parse_cli(["jobs=3", "profile=full"]) == ("full", 3)
+    assert parse_cli(["jobs=3", "profile=fast"]) == ("fast", 3)
+    assert parse_cli([])[0] == "full"  # recognisable pictures by default; sample.py's defaults read its root
+    assert PROFILES["full"]["root"] == "outputs"
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
