@@ -102,6 +102,15 @@ def test_inverted_latents_decode_unguided_unless_asked(pipe, monkeypatch):
     assert scales == [1.0, 3.0, None, 1.0, 1.0, None]
 
 
+def test_device_auto_picks_the_gpu_only_when_there_is_one(pipe, monkeypatch):
+    from unclip.loading import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device("auto") == torch.device("cuda") and pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pipe.to("auto").device == torch.device("cpu") and pipe.clip.device == torch.device("cpu")
+
+
 def test_slerp_is_spherical_and_hits_its_ends():
     a, b = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1), torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
     mid = slerp(a, b, 0.5)

@@ -107,6 +107,16 @@ def test_degradations_keep_shape_and_range_and_do_their_job():
     assert out.shape == noise.shape and out.min() >= -1 and out.max() <= 1
 
 
+def test_degradations_run_under_bf16_autocast():
+    # trainer.precision=bf16-mixed: the blur's convolutions come out in bf16, the batch stays fp32
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for degrade in (GaussianBlur(sigma=1.0, prob=0.5), BSRLite()):
+            torch.manual_seed(0)
+            out = degrade(images)
+            assert out.dtype == images.dtype and out.shape == images.shape
+
+
 def test_random_order_draws_an_order_per_sample():
     halve = lambda x, g=None: x * 0.5  # noqa: E731
     shift = lambda x, g=None: x + 0.5  # noqa: E731

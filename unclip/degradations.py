@@ -77,7 +77,7 @@ class GaussianBlur:
         x = F.conv2d(x, kernel[:, :, None, :], groups=x.shape[1])                 # along width
         x = F.conv2d(x, kernel[:, :, :, None], groups=x.shape[1])                 # along height
         out = images.clone()
-        out[apply.to(images.device)] = x.view(-1, c, h, w)
+        out[apply.to(images.device)] = x.view(-1, c, h, w).to(out.dtype)  # autocast runs the convs in bf16
         return out
 
 

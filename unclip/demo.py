@@ -224,7 +224,8 @@ def sample_grids(root: Path, timings: dict, **settings) -> dict:
     results = {}
     for prior in PRIORS:
         start = time.perf_counter()
-        pipe = UnCLIPPipeline.from_checkpoints(decoder="decoder", prior=prior, upsamplers=upsamplers, artifacts=artifacts)
+        pipe = UnCLIPPipeline.from_checkpoints(decoder="decoder", prior=prior, upsamplers=upsamplers, artifacts=artifacts,
+                                               device="auto")
         with torch.no_grad():
             out = pipe.generate(prompts, n=SAMPLES_PER_PROMPT, seed=0, **settings)
         grid = save_grid(out.pixels, SAMPLES_PER_PROMPT, demo / f"grid_{prior}.png")

@@ -26,6 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from unclip.data import cache as cache_lib
+from unclip.loading import pick_device
 from unclip.metrics import fit_linear_map
 from unclip.data.datamodule import SkipCounter, SkipSample, decode_source_sample, image_member, resolve_shards, shard_name, shard_sizes
 
@@ -117,7 +118,7 @@ def compute_stats(cache_dir: Path, shards: list[str]) -> dict[str, np.ndarray]:
 
 def embed(cfg: DictConfig) -> dict:
     """Embeds every split's shards that are not cached yet; returns the cache meta."""
-    clip = instantiate(cfg.clip, _convert_="all")
+    clip = instantiate(cfg.clip, _convert_="all").to(pick_device(cfg.get("device", "auto")))
     identity = clip.identity()
     cache_dir = Path(cfg.data.cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)

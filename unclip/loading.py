@@ -16,6 +16,13 @@ import torch
 ALIASES = {"diffusion": "diffusion_prior", "ar": "ar_prior", "contrastive": "contrastive_prior"}
 
 
+def pick_device(name: str | torch.device = "auto") -> torch.device:
+    """``auto``: the GPU when there is one (as Lightning's ``accelerator=auto`` picks), else the CPU."""
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def module_classes() -> dict:
     from unclip.modules.ar_prior import ARPriorModule
     from unclip.modules.contrastive_prior import ContrastivePriorModule

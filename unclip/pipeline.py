@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from unclip.loading import check_clip, load
+from unclip.loading import check_clip, load, pick_device
 
 MANIFEST = "unclip_pipeline.json"
 
@@ -96,8 +96,7 @@ class UnCLIPPipeline:
                                  f"every stage of a pipeline must share one CLIP")
         check_clip(clip, identity)
         self.clip, self.decoder, self.prior, self.upsamplers = clip, decoder, prior, list(upsamplers)
-        self.device = torch.device(device)
-        self.to(self.device)
+        self.to(device)
 
     # ------------------------------------------------------------------------------ building
     @classmethod
@@ -157,7 +156,8 @@ class UnCLIPPipeline:
                                     device=device)
 
     def to(self, device) -> "UnCLIPPipeline":
-        self.device = torch.device(device)
+        """``device``: a torch device, or ``auto`` for the GPU when there is one."""
+        self.device = pick_device(device)
         self.clip.to(self.device)
         for stage in (self.decoder, self.prior, *self.upsamplers):
             if stage is not None:
