@@ -182,6 +182,30 @@ def test_ema_warmup_follows_early_and_settles_at_decay():
     torch.testing.assert_close(averaged[0], torch.full((3,), 0.01))
 
 
+def test_ema_resumes_when_the_strategy_took_the_state_dict_and_refuses_sharded_fsdp(tmp_path):
+    # FSDP loads a full checkpoint's state_dict into its wrapped model and pops it before callbacks see it:
+    # the EMA then reads its weights from the checkpoint file
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
+
+    module = torch.nn.Module()
+    module.net = torch.nn.Linear(3, 2)
+    ema, raw = {f"net.{k}": torch.full_like(v, 1.0) for k, v in module.net.state_dict().items()}, \
+        {f"net.{k}": torch.full_like(v, 2.0) for k, v in module.net.state_dict().items()}
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": ema, "current_model_state": raw}, path)
+    trainer = SimpleNamespace(strategy=SingleDeviceStrategy.__new__(SingleDeviceStrategy), world_size=1, ckpt_path=str(path))
+    callback = NetEMA(decay=0.9)
+    callback.setup(trainer, module, "fit")
+    callback.on_load_checkpoint(trainer, module, {"current_model_state": raw})  # no state_dict left
+    assert all((p == 1.0).all() for p in callback.average.module.parameters())
+    assert all((p == 2.0).all() for p in module.net.parameters())
+    sharded = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy), world_size=2)
+    with pytest.raises(ValueError, match="cannot follow FSDP over 2 devices: train with strategy=ddp"):
+        NetEMA().setup(sharded, module, "fit")
+
+
 def test_a_block_computing_only_its_last_positions_matches_the_full_block():
     from unclip.nets.layers import Block, causal_mask
 

@@ -294,10 +294,13 @@ def test_bf16_with_accumulation_and_clipping_trains_with_distinct_noise_per_micr
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
 
 
-def test_compile_knob_compiles_the_net_in_place(tiny_clip):
+@pytest.mark.parametrize("tiny", [["model=diffusion_prior", "model.module.net.dim=32", "model.module.net.depth=1"],
+                                  ["model=decoder", "model.module.net.channels=16", "model.module.net.channel_mult=[1]",
+                                   "model.module.net.attention_resolutions=[]", "model.module.net.groups=8"],
+                                  ["model=upsampler_32_64"]])
+def test_compile_knob_compiles_the_net_in_place(tiny_clip, tiny):
     from unclip.training import build_module
 
-    tiny = ["model=diffusion_prior", "model.module.net.dim=32", "model.module.net.depth=1"]
     plain = build_module(compose_train(*tiny), tiny_clip)
     compiled = build_module(compose_train(*tiny, "model.compile=true"), tiny_clip)
     assert plain.net._compiled_call_impl is None and compiled.net._compiled_call_impl is not None
@@ -322,3 +325,25 @@ def test_fsdp_wraps_the_blocks_of_priors_and_unets():
     for net, kinds in ((prior, {Block}), (unet, {ResBlock, AttentionBlock})):
         wrapped = policy._run_policy(net, set(), {})  # the FSDP units the policy makes of this net
         assert kinds <= {type(m) for m in wrapped} and sum(isinstance(m, tuple(kinds)) for m in wrapped) >= 2
+
+
+def test_fsdp_clips_gradients_through_the_sharded_root_and_others_through_lightning(tiny_clip):
+    # Lightning's FSDP precision plugin refuses gradient_clip_algorithm="norm" (trainer.gradient_clip_val
+    # defaults to 1.0): under FSDP the wrapped root computes the norm over every shard
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
+
+    from unclip.training import build_module
+
+    tiny = ["model=diffusion_prior", "model.module.net.dim=32", "model.module.net.depth=1"]
+    module = build_module(compose_train(*tiny), tiny_clip)
+    clipped, plain = [], []
+    root = SimpleNamespace(clip_grad_norm_=clipped.append)
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy), model=root)
+    module.clip_gradients = lambda optimizer, value, algorithm: plain.append((value, algorithm))
+    module.configure_gradient_clipping(None, 1.0, "norm")
+    assert clipped == [1.0] and plain == []
+    module._trainer = SimpleNamespace(strategy=SingleDeviceStrategy.__new__(SingleDeviceStrategy), model=root)
+    module.configure_gradient_clipping(None, 0.5, "norm")
+    assert clipped == [1.0] and plain == [(0.5, "norm")]

@@ -14,7 +14,9 @@ import itertools
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.strategies.model_parallel import _load_raw_module_state
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import FSDPStrategy
 from torch.optim.swa_utils import AveragedModel
 
 
@@ -42,6 +44,10 @@ class NetEMA(Callback):
         self._restored_n_averaged: int | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if isinstance(trainer.strategy, FSDPStrategy) and trainer.world_size > 1:
+            # FSDP leaves each rank a shard of every parameter between steps; the average is a whole copy
+            raise ValueError(f"the EMA callback keeps an unsharded copy of the net and cannot follow FSDP over "
+                             f"{trainer.world_size} devices: train with strategy=ddp, or drop the EMA with ~model.callbacks.ema")
         if stage == "fit" and self.average is None:
             self.average = AveragedModel(pl_module.net, multi_avg_fn=warmup_ema(self.decay, self.warmup), use_buffers=True)
 
@@ -96,9 +102,15 @@ class NetEMA(Callback):
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         if "current_model_state" not in checkpoint or self.average is None:
             return
-        ema = {k[len("net."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+        state = checkpoint.get("state_dict")
+        if state is None:  # FSDP loads the state_dict into its wrapped model itself and drops it from the checkpoint
+            state = torch.load(trainer.ckpt_path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+        ema = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
         self.average.module.load_state_dict(ema)
-        pl_module.load_state_dict(checkpoint["current_model_state"])
+        if isinstance(trainer.strategy, FSDPStrategy):  # the raw weights go through the wrapped model too
+            _load_raw_module_state(checkpoint["current_model_state"], trainer.strategy.model, trainer.world_size)
+        else:
+            pl_module.load_state_dict(checkpoint["current_model_state"])
         if self._restored_n_averaged is not None:
             self.average.n_averaged.fill_(self._restored_n_averaged)
 
