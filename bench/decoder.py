@@ -18,7 +18,7 @@ class NoCLIP:
     text_width = 512
 
 
-def ours(cfg: dict, steps: int = 3, repeats: int = 2) -> dict:
+def ours(cfg: dict, steps: int = 3, repeats: int = 2, precision: str = "32-true") -> dict:
     torch.manual_seed(0)
     size = cfg["size"]
     attention = [size >> level for level in range(1, len(cfg["mults"]))]
@@ -27,7 +27,7 @@ def ours(cfg: dict, steps: int = 3, repeats: int = 2) -> dict:
     module = DecoderModule(net, {"schedule": "cosine", "prediction": "eps"}, {"steps": 50}, clip=NoCLIP())
     batch = {"image": torch.rand(cfg["batch"], 3, size, size) * 2 - 1, "img_emb": torch.randn(cfg["batch"], cfg["embed_dim"]),
              "caption": [""] * cfg["batch"]}
-    return train_steps_per_s(module, batch, steps, repeats)
+    return train_steps_per_s(module, batch, steps, repeats, precision)
 
 
 def peer(cfg: dict, steps: int = 3, repeats: int = 2) -> dict | None:
@@ -38,4 +38,5 @@ def rows(cfg: dict = CONFIG, threads: int = 2) -> list[tuple[str, str, str]]:
     cfg = {**cfg, "threads": threads}
     label = f"{cfg['size']} px, batch {cfg['batch']}, width {cfg['dim']}, mults {cfg['mults']}"
     return comparison_rows("decoder train step", "dalle2-pytorch Unet + Decoder", label,
-                           ours_steps_per_s("decoder", cfg), peer(cfg))
+                           ours_steps_per_s("decoder", cfg), peer(cfg),
+                           ours_steps_per_s("decoder", {**cfg, "precision": "bf16-mixed"}))

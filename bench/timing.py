@@ -8,12 +8,23 @@ import sys
 import time
 from pathlib import Path
 
+from contextlib import nullcontext
+
 import torch
 
 PEER_PYTHON = Path(__file__).parent / ".venv-peer" / "bin" / "python"
 
 
-def train_steps_per_s(module, batch: dict, steps: int = 3, repeats: int = 2) -> dict:
+def autocast(precision: str):
+    """What Lightning's ``bf16-mixed`` does around the forward pass on a CPU (fp32 weights and optimiser)."""
+    if precision == "bf16-mixed":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    if precision == "32-true":
+        return nullcontext()
+    raise ValueError(f"precision must be 32-true or bf16-mixed, got {precision!r}")
+
+
+def train_steps_per_s(module, batch: dict, steps: int = 3, repeats: int = 2, precision: str = "32-true") -> dict:
     """Best steps/s of ``module.loss`` + backward + AdamW over ``repeats`` runs (the first step warms up)."""
     optimizer = torch.optim.AdamW(module.net.parameters(), lr=1e-4)
     rates = []
@@ -22,7 +33,8 @@ def train_steps_per_s(module, batch: dict, steps: int = 3, repeats: int = 2) -> 
         for step in range(steps + 1):
             if step == 1:
                 start = time.perf_counter()
-            loss = module.loss(batch)
+            with autocast(precision):
+                loss = module.loss(batch)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -51,12 +63,20 @@ def peer_steps_per_s(script: str, cfg: dict, steps: int = 3, repeats: int = 2) -
                            json.dumps({**cfg, "steps": steps, "repeats": repeats})])
 
 
-def comparison_rows(what: str, peer_name: str, label: str, mine: dict, other: dict | None) -> list[tuple[str, str, str]]:
-    """Our row and the peer's for one training-step benchmark, with the ratio on the peer's row."""
+def comparison_rows(what: str, peer_name: str, label: str, mine: dict, other: dict | None,
+                    mine_bf16: dict | None = None) -> list[tuple[str, str, str]]:
+    """Our row (fp32, and bf16-mixed when given) and the peer's (fp32) for one training-step benchmark, with
+    the ratios: ours over the peer on the peer's row, bf16-mixed over our fp32 and over the peer on its own."""
     out = [(f"{what}, ours ({label}, fp32)", f"{mine['steps_per_s']:.3f} steps/s",
             f"{mine['params'] / 1e6:.1f}M params; peak RSS {mine['peak_rss_mib']:,.0f} MiB")]
+    if mine_bf16 is not None:
+        note = f"{mine_bf16['steps_per_s'] / mine['steps_per_s']:.2f}x our fp32"
+        if other is not None:
+            note += f", **{mine_bf16['steps_per_s'] / other['steps_per_s']:.2f}x** the peer's fp32"
+        out.append((f"{what}, ours ({label}, bf16-mixed)", f"{mine_bf16['steps_per_s']:.3f} steps/s",
+                    f"{note}; peak RSS {mine_bf16['peak_rss_mib']:,.0f} MiB"))
     if other is None:
         return out + [(peer_name, "not measured", "bench/.venv-peer missing: run `make bench`")]
     return out + [(f"{peer_name} ({label}, fp32)", f"{other['steps_per_s']:.3f} steps/s",
                    f"{other['params'] / 1e6:.1f}M params; peak RSS {other['peak_rss_mib']:,.0f} MiB; "
-                   f"ours is **{mine['steps_per_s'] / other['steps_per_s']:.2f}x**")]
+                   f"ours (fp32) is **{mine['steps_per_s'] / other['steps_per_s']:.2f}x**")]

@@ -2,6 +2,7 @@
 (the peer's scripts do the same in their venv).
 
     python -m bench.worker prior '{"dim": 512, "depth": 6, "heads": 8, "batch": 64, "tokens": 77}'
+    python -m bench.worker decoder '{"size": 64, "batch": 8, "precision": "bf16-mixed"}'   # what bf16-mixed runs
 
 Prints one JSON line: steps/s, parameter count, peak resident memory in MiB.
 """
@@ -28,7 +29,7 @@ def main(section: str, cfg: dict) -> None:
         from bench.decoder import ours
     else:
         raise SystemExit(f"bench.worker: unknown section {section!r} (prior | decoder)")
-    result = ours(cfg, cfg.get("steps", 3), cfg.get("repeats", 2))
+    result = ours(cfg, cfg.get("steps", 3), cfg.get("repeats", 2), cfg.get("precision", "32-true"))
     print(json.dumps({**result, "peak_rss_mib": peak_rss_mib()}))
 
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from unclip.demo import PROFILES, ROOT, Stage, StageFailed, check_profile, parse_cli, run_stages, stages
+from unclip.demo import PROFILES, ROOT, Stage, StageFailed, auto_precision, check_profile, parse_cli, run_stages, stages
 
 
 def script(done, body: str = "pass") -> tuple[str, ...]:
@@ -74,9 +74,29 @@ def test_unknown_needs_and_arguments_are_refused(tmp_path):
         parse_cli(["job=2"])
     with pytest.raises(SystemExit, match="bad argument 'profile=huge'.*profile=full\\|fast"):
         parse_cli(["profile=huge"])
-    assert parse_cli(["jobs=3", "profile=fast"]) == ("fast", 3)
+    with pytest.raises(SystemExit, match="bad argument 'precision=fp8'.*precision=auto\\|32-true\\|bf16-mixed"):
+        parse_cli(["precision=fp8"])
+    assert parse_cli(["jobs=3", "profile=fast", "precision=32-true"]) == ("fast", 3, "32-true")
     assert parse_cli([])[0] == "full"  # recognisable pictures by default; sample.py's defaults read its root
+    assert parse_cli([])[2] == "auto"
     assert PROFILES["full"]["root"] == "outputs"
+
+
+def test_auto_precision_trains_in_bf16_only_where_bf16_matmuls_are_native():
+    flags = "flags : fpu sse2 avx2 avx512f avx512bw"
+    assert auto_precision(flags + " avx512_bf16", cuda=False) == "bf16-mixed"
+    assert auto_precision(flags + " amx_bf16 amx_tile", cuda=False) == "bf16-mixed"
+    assert auto_precision(flags, cuda=False) == "32-true"  # emulated bf16 would be ~100x slower than fp32
+    assert auto_precision("", cuda=True) == "bf16-mixed"
+
+
+def test_every_training_stage_trains_in_the_precision_asked_for():
+    plan = stages(PROFILES["full"], "bf16-mixed")
+    training = [s for s in plan if s.args[0] == "train.py"]
+    assert {s.name for s in training} == {"clip", "decoder", "upsampler", "diffusion_prior", "ar_prior"}
+    assert all("trainer.precision=bf16-mixed" in s.args for s in training)
+    assert not any("trainer.precision=bf16-mixed" in s.args for s in plan if s.args[0] != "train.py")
+    assert not any(a.startswith("trainer.precision=") for s in stages(PROFILES["full"]) for a in s.args)
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))

@@ -184,3 +184,24 @@ def test_training_loss_and_variances(variance):
     assert torch.all(var > 0) and torch.all(var <= d.take("betas", t, x0) + 1e-6)
     index, mapped = step_t(d.respace(10), 9, x0)
     assert int(mapped[0]) == 99 and int(index[0]) == 9
+
+
+def test_min_snr_weighting_is_one_loss_whatever_the_network_predicts():
+    """Min-SNR-gamma (Hang et al. 2023) is min(SNR, gamma) * ||x0 - x0_hat||^2; written for an eps or v target
+    the weight must absorb the factor SNR (eps) or SNR + 1 (v), so one x0 estimate scores the same loss."""
+    x0 = torch.rand(5, 3, 4, 4) * 2 - 1
+    noise = torch.randn_like(x0)
+    t = torch.tensor([0, 30, 300, 700, 999])
+    x0_hat = x0 + 0.1 * torch.randn_like(x0)  # one estimate of the clean image, expressed in each target below
+    losses = {}
+    for prediction in ("x0", "eps", "v"):
+        d = GaussianDiffusion(make_betas("cosine", 1000), prediction=prediction, loss_weighting="min_snr", min_snr_gamma=5.0)
+        x_t = d.q_sample(x0, t, noise)
+        eps_hat = d.eps_from_x0(x_t, t, x0_hat)
+        output = {"x0": x0_hat, "eps": eps_hat, "v": d.v_target(x0_hat, eps_hat, t)}[prediction]
+        losses[prediction] = d.training_loss(output, x0, x_t, t, noise)
+    snr = GaussianDiffusion(make_betas("cosine", 1000)).snr(t)
+    expected = snr.clamp(max=5.0) * ((x0_hat - x0) ** 2).mean((1, 2, 3))
+    for prediction, loss in losses.items():
+        assert torch.allclose(loss, expected, rtol=1e-3, atol=1e-6), prediction
+    assert snr[0] > 5.0 > snr[-1]  # both sides of the clamp are exercised
