@@ -6,9 +6,8 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
-
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 

@@ -3,7 +3,8 @@ in a grid of prompts × samples for each prior (``outputs/demo/grid_<prior>.png`
 project's attribute classifier (``outputs/demo/results.json``).
 
     python -m unclip.demo                 # profile=full: the schedule whose pictures are recognisable
-    python -m unclip.demo profile=fast    # every stage small, about 18 minutes on 2 cores, under outputs/fast/
+    python -m unclip.demo profile=fast    # every stage small, under outputs/fast/
+    python -m unclip.demo precision=32-true   # default auto: bf16-mixed on GPUs and CPUs with native bf16
 
 Stages run as the user would run them (``python -m unclip.data.shapes``, ``python train.py``,
 ``python -m unclip.embed``, ``python -m unclip.attributes``), so an interrupted demo resumes: data and
@@ -242,6 +243,10 @@ def sample_grids(root: Path, timings: dict, **settings) -> dict:
     return results
 
 
+PRECISIONS = ("auto", "32-true", "bf16-mixed")
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo: the instructions that make a CPU's bf16 matmul fast
+
+
 def parse_cli(argv: list[str]) -> tuple[str, int, str]:
     """``profile=full|fast``, ``jobs=N`` (stages side by side; default one per core, at most 2) and
     ``precision=auto|32-true|bf16-mixed`` (auto: bf16-mixed where bf16 matmuls are fast, see ``auto_precision``)."""
@@ -259,10 +264,6 @@ def parse_cli(argv: list[str]) -> tuple[str, int, str]:
         else:
             raise SystemExit(f"bad argument {arg!r}; {usage}")
     return profile, jobs, precision
-
-
-PRECISIONS = ("auto", "32-true", "bf16-mixed")
-BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo: the instructions that make a CPU's bf16 matmul fast
 
 
 def auto_precision(cpu_flags: str | None = None, cuda: bool | None = None) -> str:
