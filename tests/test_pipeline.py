@@ -128,6 +128,37 @@ def test_a_stage_trained_with_another_clip_is_refused(stages, clip, tmp_path):
         UnCLIPPipeline.from_checkpoints(decoder=stages["decoder"], prior=tmp_path / "other_prior.ckpt")
 
 
+def test_a_moved_outputs_folder_still_finds_its_clip_by_weights(stages, clip, tiny_clip, tmp_path):
+    """A checkpoint records where its CLIP's weights were. After the outputs folder moves, the CLIP published
+    beside the stage (ARTIFACTS/clip/NAME.pt) is used when its weights are the same, and refused otherwise."""
+    import copy
+    import shutil
+    from pathlib import Path
+
+    from unclip import load
+    from unclip.clip import save_published
+
+    moved = torch.load(stages["decoder"], weights_only=True)
+    moved["hyper_parameters"]["clip"]["pretrained"] = str(tmp_path / "gone" / "artifacts" / "clip" / "tiny.pt")
+    artifacts = tmp_path / "moved" / "artifacts"
+    (artifacts / "decoder").mkdir(parents=True)
+    torch.save(moved, artifacts / "decoder" / "shapes.ckpt")
+    with pytest.raises(FileNotFoundError, match="tiny.pt"):  # nothing beside it yet: the missing file is named
+        load(artifacts / "decoder" / "shapes.ckpt")
+    (artifacts / "clip").mkdir()
+    for suffix in (".pt", ".json"):
+        shutil.copy(Path(clip.pretrained).with_suffix(suffix), artifacts / "clip" / f"tiny{suffix}")
+    decoder = load(artifacts / "decoder" / "shapes.ckpt")
+    assert decoder.clip.identity()["sha256"] == clip.identity()["sha256"]
+
+    other = copy.deepcopy(tiny_clip.model)
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    save_published(other, tiny_clip.model_name, artifacts / "clip" / "tiny.pt")
+    with pytest.raises(ValueError, match="trained with CLIP"):
+        load(artifacts / "decoder" / "shapes.ckpt")
+
+
 def test_save_and_load_pretrained_round_trip(pipe, tmp_path, clip):
     pipe.save_pretrained(tmp_path / "pipe")
     loaded = UnCLIPPipeline.from_pretrained(tmp_path / "pipe")

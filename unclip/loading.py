@@ -55,13 +55,20 @@ def resolve(spec: str | Path, artifacts: str | Path = "outputs/artifacts") -> Pa
                             f"train it with `python train.py model={ALIASES.get(kind, kind)}`")
 
 
-def clip_from_identity(identity: dict, device="cpu"):
-    """Rebuilds the frozen CLIP a stage was trained with, and checks it is the same weights."""
+def clip_from_identity(identity: dict, device="cpu", search: tuple[Path, ...] = ()):
+    """Rebuilds the frozen CLIP a stage was trained with, and checks it is the same weights. A checkpoint
+    records where its CLIP's weights were; when they are no longer there (the outputs folder was moved or
+    copied to another machine), a file of the same name in one of the ``search`` folders is taken instead:
+    the weights' sha256, not their path, says whether it is the same CLIP."""
     from unclip.clip import FrozenCLIP
 
     if not identity or not identity.get("model"):
         raise ValueError("the checkpoint names no CLIP (trained without a cache?); pass clip= explicitly")
-    clip = FrozenCLIP(identity["model"], identity.get("pretrained"), device=device)
+    pretrained = identity.get("pretrained")
+    if pretrained and Path(pretrained).suffix and not Path(pretrained).exists():
+        moved = [folder / Path(pretrained).name for folder in search if (folder / Path(pretrained).name).exists()]
+        pretrained = str(moved[0]) if moved else pretrained  # else FrozenCLIP names the missing file
+    clip = FrozenCLIP(identity["model"], pretrained, device=device)
     check_clip(clip, identity)
     return clip
 
@@ -86,7 +93,9 @@ def load(spec: str | Path, clip=None, device: str | torch.device = "cpu", artifa
     cls = classes[hparams["kind"]]
     needs_clip = hparams.get("kind") == "decoder" or hparams.get("use_token_states", False)
     if needs_clip:
-        clip = clip_from_identity(hparams.get("clip"), device) if clip is None else clip
+        # a published stage's CLIP is published beside it (ARTIFACTS/clip/NAME.pt)
+        search = (path.resolve().parent.parent / "clip", Path(artifacts) / "clip")
+        clip = clip_from_identity(hparams.get("clip"), device, search) if clip is None else clip
         check_clip(clip, hparams.get("clip"))
     accepted = inspect.signature(cls.__init__).parameters
     module = cls(**{k: v for k, v in hparams.items() if k in accepted and k != "clip"}, clip=clip)
