@@ -2,7 +2,7 @@
 (the peer's scripts do the same in their venv).
 
     python -m bench.worker prior '{"dim": 512, "depth": 6, "heads": 8, "batch": 64, "tokens": 77}'
-    python -m bench.worker decoder '{"size": 64, "batch": 8, "precision": "bf16-mixed"}'   # what bf16-mixed runs
+    python -m bench.worker decoder '{"size": 64, "batch": 8, "dim": 64, "mults": [1, 2, 3, 4], "embed_dim": 512, "precision": "bf16-mixed"}'
 
 Prints one JSON line: steps/s, parameter count, peak resident memory in MiB.
 """

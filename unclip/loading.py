@@ -65,8 +65,9 @@ def clip_from_identity(identity: dict, device="cpu", search: tuple[Path, ...] = 
     if not identity or not identity.get("model"):
         raise ValueError("the checkpoint names no CLIP (trained without a cache?); pass clip= explicitly")
     pretrained = identity.get("pretrained")
+    # a weights file that is gone (a pretrained tag such as "openai" has no suffix and is left alone)
     if pretrained and Path(pretrained).suffix and not Path(pretrained).exists():
-        moved = [folder / Path(pretrained).name for folder in search if (folder / Path(pretrained).name).exists()]
+        moved = [p for p in (folder / Path(pretrained).name for folder in search) if p.exists()]
         pretrained = str(moved[0]) if moved else pretrained  # else FrozenCLIP names the missing file
     clip = FrozenCLIP(identity["model"], pretrained, device=device)
     check_clip(clip, identity)
