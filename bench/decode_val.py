@@ -17,9 +17,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import unclip
-from unclip.attributes import attribute_accuracy, load_classifier
+from unclip.eval.attributes import attribute_accuracy, load_classifier
 from unclip.demo import PROFILES, ROOT
-from unclip.evaluate import markdown
+from unclip.eval.tables import markdown
 
 ARTIFACTS = ROOT / PROFILES["full"]["root"] / "artifacts"  # what `make demo` publishes
 

@@ -3,7 +3,7 @@
     python -m bench.gpu [out=DIR] [parts=throughput,end_to_end]
 
 1. The demo's stages at smoke-test length, in ``bf16-mixed``, through the commands a user runs
-   (``train.py``, ``python -m unclip.embed``, the pipeline's grids), under ``outputs/gpu/``. Each
+   (``train.py``, ``python embed.py``, the pipeline's grids), under ``outputs/gpu/``. Each
    training log must say Lightning used the GPU.
 2. Training steps/s of the module's real step (loss + backward + AdamW) on the GPU, fp32 next to bf16
    autocast: the diffusion prior at the paper-like bench size and the ``decoder_64`` UNet.
@@ -24,7 +24,7 @@ import torch
 
 from bench.decoder import NoCLIP
 from bench.prior import PAPER_LIKE
-from unclip.demo import ROOT, run_stages, sample_grids, stages
+from unclip.demo import ROOT, run_stages, sample_grids, stages, trained_priors
 
 BF16 = ("trainer.precision=bf16-mixed",)
 SMOKE = {
@@ -48,7 +48,7 @@ def end_to_end() -> dict:
         log = (root / "demo" / "logs" / f"{stage.name}.log")
         if stage.args[0] == "train.py" and log.exists():
             used_gpu[stage.name] = "GPU available: True (cuda), used: True" in log.read_text()
-    grids = sample_grids(root, timings, decoder_steps=50)
+    grids = sample_grids(root, timings, trained_priors(plan), decoder_steps=50)
     return {"stage_seconds": timings, "lightning_used_gpu": used_gpu, "grids": grids}
 
 

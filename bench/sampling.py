@@ -2,7 +2,7 @@
 DDIM-50 against DDPM-1000 trade-off), on the published demo stages (``make demo``): prior DDIM steps at
 a fixed decoder, then decoder DDIM steps and ancestral DDPM over the whole chain at a fixed prior.
 Quality is the attribute classifier's accuracy and the CLIP score on a slice of the prompt suite, through
-:func:`unclip.leaderboard.steps_sweep` (``python -m unclip.evaluate mode=steps`` runs the full version).
+:func:`unclip.eval.steps.steps_sweep` (``python evaluate.py mode=steps`` runs the full version).
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ def rows(prompts: int = 16, prior_steps=(8, 16, 64), decoder_steps=(10, 25, 50))
     missing = [str(p) for p in NEEDED if not p.exists()]
     if missing:
         return [("sampling latency vs steps", "not measured", f"needs the demo's stages ({', '.join(missing)}): run `make demo`")]
-    from unclip.attributes import load_classifier
-    from unclip.leaderboard import steps_sweep, suite_entries
-    from unclip.plots import plot_quality_vs_steps
+    from unclip.eval.attributes import load_classifier
+    from unclip.eval.prompt_suites import suite_entries
+    from unclip.eval.steps import steps_sweep
+    from unclip.eval.plots import plot_quality_vs_steps
     from unclip.pipeline import UnCLIPPipeline
 
     pipe = UnCLIPPipeline.from_checkpoints(decoder="decoder", prior="diffusion", artifacts=ARTIFACTS)

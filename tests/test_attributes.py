@@ -4,13 +4,14 @@ import random
 import pytest
 import torch
 
-from unclip.attributes import (CELL_OF, CellPredictions, ClassifierConfig, AttributeNet, TrainConfig, attribute_accuracy,
-                               encode_targets, hflip, load_classifier, load_split, named_objects, objects_from_caption,
-                               predict, save_classifier, score_predictions, train_classifier)
+from unclip.eval.attributes import (CellPredictions, ClassifierConfig, AttributeNet, attribute_accuracy, load_classifier,
+                                    named_objects, objects_from_caption, predict, save_classifier, score_predictions)
+from unclip.eval.attributes.net import CELL_OF, encode_targets, hflip
+from unclip.eval.attributes.training import TrainConfig, load_split, train_classifier
 from unclip.data.datamodule import CaptionImageDataModule
 from unclip.data.shapes import PAIR_TEMPLATES, TEMPLATES, VOCAB, caption_for, sample_objects
-from unclip.image_metrics import (clip_score, clip_score_embeddings, fd_clip, fd_clip_metric, frechet_distance,
-                                  inception_metrics)
+from unclip.eval.image_metrics import (clip_score, clip_score_embeddings, fd_clip, fd_clip_metric, frechet_distance,
+                                       inception_metrics)
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -113,7 +114,7 @@ def test_tiny_classifier_learns_the_shapes_fixture(shapes_dir, tmp_path):
     assert torch.load(path, weights_only=True)["metrics"]["attr_acc"] == scores["attr_acc"]
     loaded = load_classifier(path)
     assert torch.equal(predict(loaded, unit).shape, predict(net, unit).shape)
-    with pytest.raises(FileNotFoundError, match="python -m unclip.attributes"):
+    with pytest.raises(FileNotFoundError, match="python train_classifier.py"):
         load_classifier(tmp_path / "missing.pt")
 
 
@@ -163,6 +164,6 @@ def test_frechet_distance_matches_closed_forms():
 
 def test_inception_metrics_are_skipped_without_local_weights(tmp_path, caplog):
     images = torch.zeros(4, 3, 32, 32)
-    with caplog.at_level("INFO", logger="unclip.image_metrics"):
+    with caplog.at_level("INFO", logger="unclip.eval.image_metrics"):
         assert inception_metrics(images, images, weights=tmp_path / "absent.pth") is None
     assert "Inception FID/KID skipped" in caplog.text

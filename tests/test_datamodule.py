@@ -9,9 +9,11 @@ import pytest
 import torch
 import webdataset as wds
 
-from unclip.data import datamodule as dm_lib
+from unclip.data import cache as cache_lib
+from unclip.data import decoding as decoding_lib
 from unclip.data.cache import write_cache_shard, write_meta
-from unclip.data.datamodule import CaptionImageDataModule, resolve_shards
+from unclip.data.datamodule import CaptionImageDataModule
+from unclip.data.shards import resolve_shards
 
 
 def all_keys(shapes_dir, split="train"):
@@ -63,14 +65,14 @@ def test_embeddings_only_path_never_decodes_an_image(shapes_dir, cache_dir, monk
     def forbidden(*args, **kwargs):
         raise AssertionError("an image was decoded on the embeddings-only path")
 
-    monkeypatch.setattr(dm_lib, "decode_rgb", forbidden)
-    monkeypatch.setattr(dm_lib.Image, "open", forbidden)
+    monkeypatch.setattr(decoding_lib, "decode_rgb", forbidden)
+    monkeypatch.setattr(decoding_lib.Image, "open", forbidden)
     dm = CaptionImageDataModule(train=str(shapes_dir / "train-*.tar"), fields=["img_emb", "txt_emb", "caption"],
                                 cache_dir=cache_dir, batch_size=16, embed_dim=128)
     dm.setup()
     opened = []
-    original = dm_lib.cache_lib.tar_samples
-    monkeypatch.setattr(dm_lib.cache_lib, "tar_samples", lambda url, handler: (opened.append(url), original(url, handler))[1])
+    original = cache_lib.tar_samples
+    monkeypatch.setattr(cache_lib, "tar_samples", lambda url, handler: (opened.append(url), original(url, handler))[1])
     batches = list(dm.train_dataloader())
     assert batches and batches[0]["img_emb"].shape == (16, 128) and batches[0]["txt_emb"].dtype == torch.float32
     assert opened and all(url.startswith(str(cache_dir)) for url in opened)

@@ -1,4 +1,4 @@
-"""The image-level evaluation modes of ``unclip.evaluate`` (``unclip.leaderboard``) on tiny random stages:
+"""The image-level evaluation modes of ``evaluate.py`` (``unclip.eval``) on tiny random stages:
 mode=images (keys, seen/unseen split, seed determinism), mode=leaderboard (every row, tables, plots,
 grids, one wandb run per prior with the same summary keys), mode=steps (one row per step count), and
 the errors that name what was wrong."""
@@ -16,13 +16,15 @@ from test_decoder import tiny_unet_config
 from test_pipeline import DECODER_DIFFUSION, save_stage
 from test_prior import DIFFUSION as PRIOR_DIFFUSION
 from test_prior import TINY_NET
-from unclip import leaderboard as lb
-from unclip.attributes import AttributeNet, ClassifierConfig, save_classifier
-from unclip.evaluate import mode_word_as_override, run
+from unclip.eval import baselines, generation, images, prompt_suites, protocol, settings, tables, wandb_logging
+from unclip.eval.attributes import AttributeNet, ClassifierConfig, load_classifier, save_classifier
+from unclip.loading import load
+from unclip.pipeline import UnCLIPPipeline
+from unclip.eval.run import mode_word_as_override, run
 from unclip.modules.contrastive_prior import ContrastivePriorModule
 from unclip.modules.decoder import DecoderModule
 from unclip.modules.diffusion_prior import DiffusionPriorModule
-from unclip.prompts import load_suite
+from unclip.eval.prompt_suites import load_suite
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +95,9 @@ def test_leaderboard_writes_every_row_tables_plots_grids_and_one_wandb_run_per_p
     monkeypatch.setitem(__import__("sys").modules, "wandb", fake)
     cfg = compose_evaluate(tiny_overrides(shapes_dir, cache_dir, stages, tmp_path) + [
         "mode=leaderboard", f"priors=[{stages['diffusion']},{stages['ar']},{stages['contrastive']}]",
-        "sweep.diffusion_prior={guidance_scale: [1, 2], steps: [2, 4]}", "sweep.ar_prior={guidance_scale: [1, 2]}",
-        "sweep.contrastive_prior={guidance_scale: [1, 2]}", "image_setting.diffusion_prior={guidance_scale: 1, steps: 4}",
-        "image_setting.contrastive_prior={guidance_scale: 3}",  # not swept: evaluated as one more row
+        "+eval.diffusion_prior={sweep: {guidance_scale: [1, 2], steps: [2, 4]}, image_setting: {guidance_scale: 1, steps: 4}}",
+        "+eval.ar_prior.sweep={guidance_scale: [1, 2]}", "+eval.ar_prior.image_setting={guidance_scale: 1}",
+        "+eval.contrastive_prior={sweep: {guidance_scale: [1, 2]}, image_setting: {guidance_scale: 3}}",  # not swept: one more row
         "grid_prompts=2", "grid_n=2", "wandb=true"])
     result = run(cfg)
     rows = list(csv.DictReader(open(tmp_path / "leaderboard.csv")))
@@ -147,16 +149,16 @@ def test_images_mode_writes_json_with_the_seen_unseen_split_and_one_seed_gives_o
     # the same seed decodes the same images: every number but the timings is the same twice
     timing = {"ms_prior", "ms_decode", "ms_per_image"}
     untimed = lambda m: {k: v for k, v in m.items() if k not in timing}  # noqa: E731
-    assert untimed(lb.json_safe(run(compose_evaluate(overrides))["metrics"])) == untimed(metrics)
+    assert untimed(tables.json_safe(run(compose_evaluate(overrides))["metrics"])) == untimed(metrics)
     # evaluate_images is the mode's core: called directly it gives the same numbers, and another seed others
     cfg = compose_evaluate(overrides)
-    context = lb.ImageContext(lb.with_prior(lb.UnCLIPPipeline(tiny_clip, lb.load(stages["decoder"], clip=tiny_clip)),
-                                            lb.load(stages["diffusion"], clip=tiny_clip)),
-                              lb.suite_entries("v1", 4), lb.load_classifier(stages["classifier"]),
-                              lb.real_val_images(cfg, 16, 4))
-    direct = {seed: lb.evaluate_images(context.pipe, context.entries, 1, seed, context.classifier, context.real_images,
+    context = images.ImageContext(generation.with_prior(UnCLIPPipeline(tiny_clip, load(stages["decoder"], clip=tiny_clip)),
+                                            load(stages["diffusion"], clip=tiny_clip)),
+                              prompt_suites.suite_entries("v1", 4), load_classifier(stages["classifier"]),
+                              images.real_val_images(cfg, 16, 4))
+    direct = {seed: images.evaluate_images(context.pipe, context.entries, 1, seed, context.classifier, context.real_images,
                                        {}, {"steps": 2}, batch_size=4) for seed in (0, 1)}
-    assert lb.json_safe(untimed(direct[0])) == untimed(metrics)
+    assert tables.json_safe(untimed(direct[0])) == untimed(metrics)
     assert direct[1]["clip_score"] != direct[0]["clip_score"] and direct[1]["fd_clip"] != direct[0]["fd_clip"]
 
 
@@ -164,7 +166,7 @@ def test_a_baseline_is_a_prior_for_image_metrics(shapes_dir, cache_dir, stages, 
     cfg = compose_evaluate(tiny_overrides(shapes_dir, cache_dir, stages, tmp_path) + ["mode=images", "prior=baseline_linear"])
     result = run(cfg)
     assert result["prior"] == "baseline_linear" and result["metrics"]["n_images"] == 4
-    prior = lb.load_prior("baseline_zt", None, tmp_path, cache_dir)
+    prior = baselines.load_prior("baseline_zt", None, tmp_path, cache_dir)
     z_txt = torch.randn(3, 128)
     torch.testing.assert_close(prior.sample(prior.condition({"txt_emb": z_txt})), torch.nn.functional.normalize(z_txt, dim=-1))
 
@@ -191,14 +193,14 @@ def test_the_decoder_sampler_switches_to_ddpm_and_back(stages, tiny_clip):
     from unclip.loading import load
 
     decoder = load(stages["decoder"], clip=tiny_clip)
-    with lb.decoder_sampler(decoder, "ddpm") as sampler:
+    with generation.decoder_sampler(decoder, "ddpm") as sampler:
         assert decoder.sampler.kind == sampler.kind == "ddpm" and sampler.steps == 3
     assert decoder.sampler.kind == "ddim"
     with pytest.raises(ValueError, match="sampler.kind"):
-        with lb.decoder_sampler(decoder, "euler"):
+        with generation.decoder_sampler(decoder, "euler"):
             pass
     with pytest.raises(ValueError, match="unknown decoder setting"):
-        lb.check_decoder_settings({"step": 4})
+        generation.check_decoder_settings({"step": 4})
 
 
 def test_errors_name_the_unknown_mode_prior_kind_and_missing_artifact(shapes_dir, cache_dir, stages, tmp_path, tiny_clip):
@@ -208,24 +210,25 @@ def test_errors_name_the_unknown_mode_prior_kind_and_missing_artifact(shapes_dir
         mode_word_as_override(["evaluate", "leaderbord"])
     with pytest.raises(ValueError, match="unknown evaluate mode 'bogus'"):
         run(compose_evaluate(tiny_overrides(shapes_dir, cache_dir, stages, tmp_path) + ["mode=bogus"]))
-    with pytest.raises(ValueError, match="unknown prior kind 'novel_prior'"):
-        lb.sweep_settings({"diffusion_prior": {"steps": [4]}}, "novel_prior")
+    with pytest.raises(ValueError, match="unknown eval entries \\['sweeps'\\] for prior diffusion_prior"):
+        settings.eval_settings(baselines.load_prior(stages["diffusion"], tiny_clip, tmp_path, cache_dir),
+                               compose_evaluate(["+eval.diffusion_prior.sweeps={steps: [4]}"]))
     with pytest.raises(FileNotFoundError, match="no checkpoint 'missing_prior'"):
-        lb.load_prior("missing_prior", tiny_clip, tmp_path / "artifacts", cache_dir)
+        baselines.load_prior("missing_prior", tiny_clip, tmp_path / "artifacts", cache_dir)
     with pytest.raises(ValueError, match="not a prior"):
-        lb.load_prior(stages["decoder"], tiny_clip, tmp_path, cache_dir)
+        baselines.load_prior(stages["decoder"], tiny_clip, tmp_path, cache_dir)
 
 
 def test_a_small_suite_subset_keeps_both_splits_in_suite_order():
     suite = load_suite("v1")
     for limit in (2, 4, 17):
-        chosen = lb.spread_subset(suite, limit)
+        chosen = prompt_suites.spread_subset(suite, limit)
         assert len(chosen) == limit
         assert any("holdout" in e["tags"] for e in chosen) and any("holdout" not in e["tags"] for e in chosen)
         positions = [suite.index(e) for e in chosen]
         assert positions == sorted(positions)
-    assert lb.suite_entries("v1", None) == suite
-    assert lb.sweep_settings({"diffusion_prior": {"guidance_scale": [1, 2], "steps": [8]}}, "diffusion_prior") == [
+    assert prompt_suites.suite_entries("v1", None) == suite
+    assert settings.sweep_settings({"guidance_scale": [1, 2], "steps": [8]}) == [
         {"guidance_scale": 1.0, "steps": 8}, {"guidance_scale": 2.0, "steps": 8}]
 
 
@@ -255,9 +258,9 @@ def test_log_wandb_writes_an_offline_run(tmp_path, monkeypatch, env_offline):
                             "out": str(tmp_path), "pool": 8, "seed": 0, "n": 1, "suite": "v1", "suite_limit": 4,
                             "decoder": "decoder", "decoder_settings": {"steps": None}})
     rows = [{"prior": "diffusion_prior", "settings": f"steps={s}", "guidance_scale": 1.0, "steps": s, "ms_per_sample": 1.0 * s,
-             "image_setting": s == 4, **{k: 0.5 for k in lb.PRIOR_COLUMNS}} for s in (2, 4)]
-    image_row = {"prior": "diffusion_prior", **{k: 0.25 for k in lb.IMAGE_COLUMNS}, "n_images": 4}
+             "image_setting": s == 4, **{k: 0.5 for k in protocol.PRIOR_COLUMNS}} for s in (2, 4)]
+    image_row = {"prior": "diffusion_prior", **{k: 0.25 for k in images.IMAGE_COLUMNS}, "n_images": 4}
     grid = save_grid(torch.zeros(4, 3, 8, 8), 2, tmp_path / "grid.png")
-    mode = lb.log_wandb(cfg, "diffusion_prior", rows, image_row, grid)
+    mode = wandb_logging.log_wandb(cfg, "diffusion_prior", rows, image_row, grid)
     assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
     assert mode == (None if env_offline else "offline")  # the next prior goes straight to offline

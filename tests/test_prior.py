@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from unclip.data.datamodule import CaptionImageDataModule
-from unclip.metrics import fit_linear_map, prior_metrics
+from unclip.data.stats import fit_linear_map
+from unclip.eval.prior_metrics import prior_metrics
 from unclip.modules.diffusion_prior import DiffusionPriorModule
 from unclip.modules.ema import NetEMA
 from unclip.nets.prior_transformer import PriorTransformer, repeat_prefix

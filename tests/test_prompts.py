@@ -6,7 +6,7 @@ import re
 import pytest
 
 from unclip.data.shapes import DEFAULT_HOLDOUT, VOCAB, ShapesConfig, make_sample, validate_holdout
-from unclip.prompts import VARIANT_WORDS, build_suite, load_suite, main
+from unclip.eval.prompt_suites import VARIANT_WORDS, build_suite, load_suite, main
 
 TAGS = {"single", "two", "variant", "holdout"}
 VALUES = {"shape": set(VOCAB.shapes), "color": set(VOCAB.colors), "size": set(VOCAB.sizes), "position": set(VOCAB.positions)}
@@ -27,7 +27,7 @@ def training_captions():
 
 
 def test_suite_file_is_current_and_parses(suite, tmp_path):
-    assert suite == build_suite("v1")  # the checked-in file is what `python -m unclip.prompts` writes
+    assert suite == build_suite("v1")  # the checked-in file is what `python -m unclip.eval.prompt_suites` writes
     assert len(suite) >= 200
     assert len({e["prompt"] for e in suite}) == len(suite)  # no prompt twice
     main([f"out={tmp_path}/suite.yaml"])

@@ -95,7 +95,7 @@ def test_ddp_on_cpu_trains_two_ranks_on_disjoint_halves_with_a_synchronised_loss
                for k, v in row.items() if v and k.startswith("val/")}
     assert metrics["val/prior/baseline_cos"] == pytest.approx(expected, abs=1e-5)
     # the distribution metric too is that of the joined pool, counted once (not re-gathered per rank)
-    from unclip.image_metrics import frechet_distance
+    from unclip.eval.image_metrics import frechet_distance
 
     joined_fd = frechet_distance(torch.as_tensor(unit["img_emb"]), torch.as_tensor(unit["txt_emb"]))
     assert metrics["val/baseline_zt/fd_img"] == pytest.approx(joined_fd, rel=1e-4)

@@ -91,13 +91,13 @@ def test_ar_prior_trains_from_the_cache_and_reports_its_tokenisation(shapes_dir,
     assert float(state["tokenizer.explained"]) > 0 and state["tokenizer.centres"].abs().sum() > 0
 
 
-def run_module(module, *args, timeout=300):
+def run_script(script, *args, timeout=300):
     import os
     import subprocess
     import sys
 
     env = dict(os.environ, WANDB_MODE="offline", HYDRA_FULL_ERROR="0")
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=Path(__file__).resolve().parents[1],
+    return subprocess.run([sys.executable, script, *args], cwd=Path(__file__).resolve().parents[1],
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -111,11 +111,15 @@ def test_compare_priors_writes_one_table_with_both_priors_and_baselines(shapes_d
         assert result.returncode == 0, result.stderr[-3000:]
     data = [f"paths.root={root}", f"paths.artifacts={tmp_path}/artifacts", "clip=unclip_tiny",
             f"data.val={shapes_dir}/val-*.tar", f"data.val_unseen={shapes_dir}/val_unseen-*.tar", f"data.train={shapes_dir}/train-*.tar"]
-    result = run_module("unclip.evaluate", "mode=compare", "priors=[diffusion,ar]", "pool=16", f"out={tmp_path}/eval", *data,
-                        "settings.diffusion_prior=[{steps: 4}, {steps: 8}]", "settings.ar_prior=[{guidance_scale: 2.0}]")
+    # the diffusion prior's settings from the command line; the AR prior's from its model config's eval block,
+    # which its checkpoint carries (conf/model/ar_prior.yaml: three settings)
+    result = run_script("evaluate.py", "mode=compare", "priors=[diffusion,ar]", "pool=16", f"out={tmp_path}/eval", *data,
+                        "+eval.diffusion_prior.settings=[{steps: 4}, {steps: 8}]")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "eval" / "results.csv")))
-    assert [r["prior"] for r in rows] == ["baseline_zt", "baseline_linear", "diffusion_prior", "diffusion_prior", "ar_prior"]
+    assert [(r["prior"], r["settings"]) for r in rows] == [
+        ("baseline_zt", "-"), ("baseline_linear", "-"), ("diffusion_prior", "steps=4"), ("diffusion_prior", "steps=8"),
+        ("ar_prior", "guidance_scale=1.0"), ("ar_prior", "guidance_scale=2.0"), ("ar_prior", "guidance_scale=1.0 top_p=0.9")]
     assert all(r["cos_true"] and r["retrieval_top1_unseen"] for r in rows)
     assert float(rows[0]["cos_text"]) == pytest.approx(1.0, abs=1e-4)  # z_t as ẑ_i: cos with z_t is 1 by definition
     assert (tmp_path / "eval" / "results.md").exists() and (tmp_path / "eval" / "cost.png").stat().st_size > 1000

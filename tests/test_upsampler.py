@@ -176,11 +176,12 @@ def test_upsampler_configs_are_consistent(model):
     from hydra.utils import instantiate
 
     from test_config import compose_train
+    from unclip.training import stage_kind
 
     cfg = compose_train(f"model={model}")
     module = cfg.model.module
     factor, levels = cfg.model.image_size // cfg.model.lowres_size, len(module.net.channel_mult)
-    assert cfg.model.image_size == factor * cfg.model.lowres_size == cfg.data.image_size and cfg.model.kind == "upsampler"
+    assert cfg.model.image_size == factor * cfg.model.lowres_size == cfg.data.image_size and stage_kind(cfg) == "upsampler"
     assert module.crop_size % factor == 0 and module.crop_size % 2 ** (levels - 1) == 0
     assert not module.net.attention_resolutions and not module.net.middle_attention and not cfg.model.needs_clip
     assert list(cfg.model.fields) == ["image"] and cfg.sampler.kind == "ddim"

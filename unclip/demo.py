@@ -7,7 +7,7 @@ project's attribute classifier (``outputs/demo/results.json``).
     python -m unclip.demo precision=32-true   # default auto: bf16-mixed on GPUs and CPUs with native bf16
 
 Stages run as the user would run them (``python -m unclip.data.shapes``, ``python train.py``,
-``python -m unclip.embed``, ``python -m unclip.attributes``), so an interrupted demo resumes: data and
+``python embed.py``, ``python train_classifier.py``), so an interrupted demo resumes: data and
 cache shards are written atomically and training resumes from its run directory's ``last.ckpt``.
 Stages that do not wait on each other run side by side (``jobs=``, default 2), because small CPU models
 use two cores in one process less well than two processes use one each. Each stage's output goes to
@@ -186,9 +186,9 @@ def stages(profile: dict, precision: str | None = None) -> list[Stage]:
     return [
         Stage("data", ("-m", "unclip.data.shapes", f"out={data}", "n=10000", "size=64", "shards=8"), data / "manifest.json"),
         Stage("clip", train("clip_pretrain", *profile["clip"]), published("clip", ".pt"), needs=("data",)),
-        Stage("embed", ("-m", "unclip.embed", *paths, "progress=false"), cache, needs=("clip",)),
+        Stage("embed", ("embed.py", *paths, "progress=false"), cache, needs=("clip",)),
         Stage("decoder", train("decoder", *profile["decoder"]), published("decoder"), needs=("embed",)),
-        Stage("attributes", ("-m", "unclip.attributes", *paths, *profile["attributes"]), published("attributes", ".pt"),
+        Stage("attributes", ("train_classifier.py", *paths, *profile["attributes"]), published("attributes", ".pt"),
               needs=("data",)),
         Stage("upsampler", train("upsampler_32_64", *profile["upsampler"]), published("upsampler"), needs=("data",)),
         Stage("diffusion_prior", train("diffusion_prior", *profile["diffusion_prior"]), published("diffusion_prior"),
@@ -198,7 +198,12 @@ def stages(profile: dict, precision: str | None = None) -> list[Stage]:
     ]
 
 
-PRIORS = ("diffusion_prior", "ar_prior")
+def trained_priors(plan: list[Stage]) -> list[str]:
+    """The prior kinds the demo trains (a stage is named after its kind): each gets a grid."""
+    import unclip.modules  # noqa: F401  (registers the built-in stage kinds)
+    from unclip import registry
+
+    return [s.name for s in plan if registry.canonical(s.name) in registry.prior_kinds()]
 
 # Each prompt names what the attribute classifier checks in the samples.
 PROMPTS = [
@@ -214,11 +219,11 @@ PROMPTS = [
 SAMPLES_PER_PROMPT = 8
 
 
-def sample_grids(root: Path, timings: dict, **settings) -> dict:
+def sample_grids(root: Path, timings: dict, priors: list[str], **settings) -> dict:
     """For each prior: prompts × samples through the pipeline, a PNG grid, and the attribute accuracy."""
     import torch
 
-    from unclip.attributes import attribute_accuracy, load_classifier
+    from unclip.eval.attributes import attribute_accuracy, load_classifier
     from unclip.pipeline import UnCLIPPipeline
     from unclip.sampling import save_grid
 
@@ -228,7 +233,7 @@ def sample_grids(root: Path, timings: dict, **settings) -> dict:
     prompts = [p for p, _ in PROMPTS]
     labels = [objects for _, objects in PROMPTS for _ in range(SAMPLES_PER_PROMPT)]
     results = {}
-    for prior in PRIORS:
+    for prior in priors:
         start = time.perf_counter()
         pipe = UnCLIPPipeline.from_checkpoints(decoder="decoder", prior=prior, upsamplers=upsamplers, artifacts=artifacts,
                                                device="auto")
@@ -321,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    results = sample_grids(root, timings, **profile["grids"])
+    results = sample_grids(root, timings, trained_priors(plan), **profile["grids"])
     timings["total_this_run"] = round(time.perf_counter() - total, 1)
     save()
     (demo / "results.json").write_text(json.dumps({"profile": name, **results}, indent=1))

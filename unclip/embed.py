@@ -1,7 +1,7 @@
 """Build the chunked embedding cache: a frozen CLIP embeds every caption-image pair once.
 
-    python -m unclip.embed                       # data=shapes clip=shapes_tiny by default
-    python -m unclip.embed clip=vit_b_32 clip.pretrained=/ckpt/vit-b-32.pt data=webdataset data.train=...
+    python embed.py                       # data=shapes clip=shapes_tiny by default
+    python embed.py clip=vit_b_32 clip.pretrained=/ckpt/vit-b-32.pt data=webdataset data.train=...
 
 For each source shard ``NAME.tar`` it writes the cache shard ``NAME.tar`` (see ``unclip.data.cache``),
 atomically, so a killed job loses at most the shard in progress; a rerun skips finished shards. At the
@@ -16,9 +16,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import hydra
 import numpy as np
-import torch
 import webdataset as wds
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -27,11 +25,11 @@ from tqdm import tqdm
 
 from unclip.data import cache as cache_lib
 from unclip.loading import pick_device
-from unclip.metrics import fit_linear_map
-from unclip.data.datamodule import SkipCounter, SkipSample, decode_source_sample, image_member, resolve_shards, shard_name, shard_sizes
+from unclip.data.decoding import SkipCounter, SkipSample, decode_source_sample, image_member
+from unclip.data.shards import resolve_shards, shard_name, shard_sizes
+from unclip.data.stats import STATS_VERSION, compute_stats
 
 log = logging.getLogger(__name__)
-STATS_VERSION = 2  # bump when compute_stats gains an entry: caches recompute their stats on the next embed run
 
 
 def open_rgb(data: bytes) -> Image.Image:
@@ -92,30 +90,6 @@ class ShardEmbedder:
         return {"rows": rows, "keys": out["keys"], "captions": out["captions"]}, skips.total
 
 
-def compute_stats(cache_dir: Path, shards: list[str]) -> dict[str, np.ndarray]:
-    """Per-dimension mean/std of z_i and z_t, the PCA of z_i (what the AR prior tokenises) and the
-    linear map z_t -> z_i (a baseline prior), from train shards."""
-    img, txt = [], []
-    for name in shards:
-        table = cache_lib.read_cache_shard(str(cache_dir / name), ("img_emb", "txt_emb"))
-        img.append(table["img_emb"].astype(np.float64))
-        txt.append(table["txt_emb"].astype(np.float64))
-    z_img, z_txt = np.concatenate(img), np.concatenate(txt)
-    linear_weight, linear_bias = fit_linear_map(z_txt, z_img)
-    centred = z_img - z_img.mean(0)
-    _, singular, components = np.linalg.svd(centred, full_matrices=False)
-    variance = singular**2 / max(1, len(z_img) - 1)
-    return {
-        "img_mean": z_img.mean(0).astype(np.float32), "img_std": z_img.std(0).astype(np.float32),
-        "txt_mean": z_txt.mean(0).astype(np.float32), "txt_std": z_txt.std(0).astype(np.float32),
-        "pca_mean": z_img.mean(0).astype(np.float32), "pca_components": components.astype(np.float32),  # (k, D) rows
-        "pca_explained_variance": variance.astype(np.float32),
-        "pca_explained_ratio": (variance / variance.sum()).astype(np.float32),
-        "linear_weight": linear_weight, "linear_bias": linear_bias,  # the linear z_t -> z_i baseline prior
-        "baseline_cos": np.float32(np.mean(np.sum(z_img * z_txt, -1) / (np.linalg.norm(z_img, axis=-1) * np.linalg.norm(z_txt, axis=-1)))),
-    }
-
-
 def embed(cfg: DictConfig) -> dict:
     """Embeds every split's shards that are not cached yet; returns the cache meta."""
     clip = instantiate(cfg.clip, _convert_="all").to(pick_device(cfg.get("device", "auto")))
@@ -137,13 +111,14 @@ def embed(cfg: DictConfig) -> dict:
     pending = [(s, u) for s, u in todo if not ((cache_dir / shard_name(u)).exists() and shard_name(u) in meta["counts"])]
     total = sum(sizes.get(shard_name(u), 0) for _, u in pending)
     log.info("embedding %d of %d shards into %s", len(pending), len(todo), cache_dir)
-    start = time.perf_counter()
+    start, embedded = time.perf_counter(), 0
     with tqdm(total=total, unit="img", desc="embed", disable=not cfg.progress) as progress:
         for split, url in pending:
             name = shard_name(url)
             table, skipped = embedder(url, progress)
             cache_lib.write_cache_shard(cache_dir / name, table["rows"], table["keys"], table["captions"], int(cfg.chunk_size))
             meta["counts"][name], meta["skipped"][name], meta["splits"][name] = len(table["keys"]), dict(skipped), split
+            embedded += len(table["keys"])
             cache_lib.write_meta(cache_dir, meta)  # after every shard: a kill loses only the shard in progress
             if skipped:
                 log.warning("%s: skipped %s", name, dict(skipped))
@@ -161,16 +136,5 @@ def embed(cfg: DictConfig) -> dict:
     meta["skipped_total"] = sum(sum(v.values()) for v in meta["skipped"].values())
     cache_lib.write_meta(cache_dir, meta)
     if pending:
-        log.info("embedded %d samples in %.1fs (%.0f img/s)", total, elapsed, total / max(elapsed, 1e-9))
+        log.info("embedded %d samples in %.1fs (%.0f img/s)", embedded, elapsed, embedded / max(elapsed, 1e-9))
     return meta
-
-
-@hydra.main(config_path="../conf", config_name="embed", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    meta = embed(cfg)
-    print(f"cache {cfg.data.cache_dir}: {meta['embedded']} samples, {meta['skipped_total']} skipped, dim {meta['dim']}")
-
-
-if __name__ == "__main__":
-    main()

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-ALIASES = {"diffusion": "diffusion_prior", "ar": "ar_prior", "contrastive": "contrastive_prior"}
+import unclip.modules  # noqa: F401  (registers the built-in stage kinds)
+from unclip import registry
 
 
 def pick_device(name: str | torch.device = "auto") -> torch.device:
@@ -23,24 +24,14 @@ def pick_device(name: str | torch.device = "auto") -> torch.device:
     return torch.device(name)
 
 
-def module_classes() -> dict:
-    from unclip.modules.ar_prior import ARPriorModule
-    from unclip.modules.contrastive_prior import ContrastivePriorModule
-    from unclip.modules.decoder import DecoderModule
-    from unclip.modules.diffusion_prior import DiffusionPriorModule
-    from unclip.modules.upsampler import UpsamplerModule
-
-    return {"diffusion_prior": DiffusionPriorModule, "ar_prior": ARPriorModule, "contrastive_prior": ContrastivePriorModule,
-            "decoder": DecoderModule, "upsampler": UpsamplerModule}
-
-
 def resolve(spec: str | Path, artifacts: str | Path = "outputs/artifacts") -> Path:
     """A checkpoint path, or a published stage ``KIND[/NAME]`` (``diffusion``, ``ar``, ``decoder/shapes``)."""
     path = Path(spec)
     if path.exists():
         return path
     kind, _, name = str(spec).partition("/")
-    folder = Path(artifacts) / ALIASES.get(kind, kind)
+    kind = registry.canonical(kind)
+    folder = Path(artifacts) / kind
     if name:
         candidate = folder / f"{name}.ckpt"
         if candidate.exists():
@@ -52,7 +43,7 @@ def resolve(spec: str | Path, artifacts: str | Path = "outputs/artifacts") -> Pa
         if len(found) > 1:
             raise FileNotFoundError(f"{folder} holds several stages ({', '.join(p.stem for p in found)}); name one as {kind}/NAME")
     raise FileNotFoundError(f"no checkpoint {spec!r}: neither a file nor a published stage under {folder}; "
-                            f"train it with `python train.py model={ALIASES.get(kind, kind)}`")
+                            f"train it with `python train.py model={kind}`")
 
 
 def clip_from_identity(identity: dict, device="cpu", search: tuple[Path, ...] = ()):
@@ -88,10 +79,11 @@ def load(spec: str | Path, clip=None, device: str | torch.device = "cpu", artifa
     path = resolve(spec, artifacts)
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     hparams = checkpoint.get("hyper_parameters") or {}
-    classes = module_classes()
-    if hparams.get("kind") not in classes:
-        raise ValueError(f"{path} is a {hparams.get('kind')!r} checkpoint; unclip.load knows {sorted(classes)}")
-    cls = classes[hparams["kind"]]
+    if hparams.get("kind") not in registry.loadable_kinds():
+        registry.stage_class(hparams.get("kind"), checkpoint.get("stage_class"))  # imports a stage defined elsewhere
+    if hparams.get("kind") not in registry.loadable_kinds():
+        raise ValueError(f"{path} is a {hparams.get('kind')!r} checkpoint; unclip.load opens {', '.join(registry.loadable_kinds())}")
+    cls = registry.stage_class(hparams["kind"])
     needs_clip = hparams.get("kind") == "decoder" or hparams.get("use_token_states", False)
     if needs_clip:
         # a published stage's CLIP is published beside it (ARTIFACTS/clip/NAME.pt)
@@ -102,5 +94,6 @@ def load(spec: str | Path, clip=None, device: str | torch.device = "cpu", artifa
     module = cls(**{k: v for k, v in hparams.items() if k in accepted and k != "clip"}, clip=clip)
     module.load_state_dict(checkpoint["state_dict"])
     module.hparams["clip"] = hparams.get("clip", {})
+    module.hparams["eval"] = hparams.get("eval", {})  # the model config's evaluation settings
     module.checkpoint_path = str(path)
     return module.to(device).eval()

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from unclip import registry
 from unclip.loading import check_clip, load, pick_device
 
 MANIFEST = "unclip_pipeline.json"
@@ -83,6 +84,14 @@ def inverted_guidance(inverted: bool, guidance: float | None) -> float | None:
     return 1.0 if inverted and guidance is None else guidance
 
 
+def expect_stage(module, role: str, spec) -> object:
+    """``module`` if it plays ``role`` (``prior``: any registered prior kind; else the kind itself)."""
+    fits = registry.is_prior(module.kind) if role == "prior" else module.kind == role
+    if not fits:
+        raise ValueError(f"{role}={spec} is a {module.kind} stage, not a {role}")
+    return module
+
+
 class UnCLIPPipeline:
     """The frozen CLIP and the trained stages, on one device, in eval mode."""
 
@@ -105,10 +114,10 @@ class UnCLIPPipeline:
                          artifacts: str | Path = "outputs/artifacts") -> "UnCLIPPipeline":
         """Stages by path or published name (``diffusion``, ``ar``, ``contrastive``, ``decoder/NAME``...).
         The CLIP is rebuilt from the decoder's identity unless given; every stage is checked against it."""
-        decoder_module = load(decoder, clip=clip, artifacts=artifacts)
+        decoder_module = expect_stage(load(decoder, clip=clip, artifacts=artifacts), "decoder", decoder)
         clip = decoder_module.clip if clip is None else clip
-        prior_module = None if prior is None else load(prior, clip=clip, artifacts=artifacts)
-        ups = [load(spec, clip=clip, artifacts=artifacts) for spec in upsamplers]
+        prior_module = None if prior is None else expect_stage(load(prior, clip=clip, artifacts=artifacts), "prior", prior)
+        ups = [expect_stage(load(spec, clip=clip, artifacts=artifacts), "upsampler", spec) for spec in upsamplers]
         return cls(clip, decoder_module, prior_module, ups, device)
 
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -178,7 +187,7 @@ class UnCLIPPipeline:
     def text_embeddings(self, prompts: Sequence[str]) -> dict:
         """The prior's condition for prompts: z_t and (when the prior uses them) token states."""
         if self.prior is None:
-            raise ValueError("this pipeline has no prior: build it with prior=diffusion|ar|contrastive|PATH")
+            raise ValueError(f"this pipeline has no prior: build it with prior={registry.prior_names()}|PATH")
         z_txt = self.clip.encode_text(list(prompts)).z_txt
         return self.prior.condition({"txt_emb": z_txt, "caption": list(prompts)})
 

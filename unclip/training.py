@@ -16,6 +16,8 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from unclip import registry
+
 log = logging.getLogger(__name__)
 
 
@@ -120,6 +122,8 @@ def build_module(cfg: DictConfig, clip=None):
         extra["clip"] = clip
     # extra kwargs are passed after instantiation: Hydra would otherwise instantiate the optimiser config inside
     module = instantiate(cfg.model.module, _partial_=True, _convert_="all")(**extra)
+    if cfg.model.get("eval"):  # the stage's evaluation settings travel in its checkpoint (unclip.eval.settings)
+        module.hparams["eval"] = OmegaConf.to_container(cfg.model.eval, resolve=True)
     if cfg.model.get("compile"):
         if not isinstance(getattr(module, "net", None), torch.nn.Module):
             raise ValueError(f"model.compile=true compiles the module's net, but {type(module).__name__} has no .net")
@@ -129,9 +133,15 @@ def build_module(cfg: DictConfig, clip=None):
     return module
 
 
+def stage_kind(cfg: DictConfig) -> str:
+    """The stage kind of the model config: its module class's own ``kind``."""
+    return get_class(cfg.model.module._target_).kind
+
+
 def artifact_path(cfg: DictConfig) -> Path:
-    suffix = ".pt" if cfg.model.kind == "clip" else ".ckpt"
-    return Path(cfg.paths.artifacts) / cfg.model.kind / f"{cfg.experiment.name}{suffix}"
+    kind = stage_kind(cfg)
+    suffix = ".ckpt" if getattr(registry.stage_class(kind), "loadable", True) else ".pt"
+    return Path(cfg.paths.artifacts) / kind / f"{cfg.experiment.name}{suffix}"
 
 
 def resume_path(cfg: DictConfig, directory: Path) -> str | None:

@@ -164,7 +164,7 @@ def read_meta(cache_dir: str | Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(
             f"no embedding cache at {cache_dir} ({META_FILE} missing); build it with "
-            f"`python -m unclip.embed data=... clip=...`, or point data.cache_dir at an existing cache")
+            f"`python embed.py data=... clip=...`, or point data.cache_dir at an existing cache")
     return json.loads(path.read_text())
 
 
@@ -187,13 +187,13 @@ def check_identity(meta: dict, identity: dict, cache_dir) -> None:
         raise ValueError(
             f"embedding cache {cache_dir} was made with CLIP {cached.get('model')} (weights {str(cached.get('sha256'))[:12]}, "
             f"dim {meta.get('dim')}), but this run uses {identity.get('model')} (weights {str(identity.get('sha256'))[:12]}, "
-            f"dim {identity.get('dim')}); rerun `python -m unclip.embed` with this clip=, or set clip= to the cache's CLIP")
+            f"dim {identity.get('dim')}); rerun `python embed.py` with this clip=, or set clip= to the cache's CLIP")
 
 
 def load_stats(cache_dir: str | Path) -> dict[str, np.ndarray]:
     path = Path(cache_dir) / STATS_FILE
     if not path.exists():
-        raise FileNotFoundError(f"no {STATS_FILE} in embedding cache {cache_dir}; rerun `python -m unclip.embed`")
+        raise FileNotFoundError(f"no {STATS_FILE} in embedding cache {cache_dir}; rerun `python embed.py`")
     with np.load(path) as stats:
         return {k: stats[k] for k in stats.files}
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from unclip.data import cache as cache_lib
+from unclip.data.stats import compute_stats
 
 
 def read_keys(parquet: Path) -> tuple[list[str], list[str]]:
@@ -68,8 +69,6 @@ def ingest(src: str | Path, cache_dir: str | Path, model: str, chunk_size: int =
         meta["counts"][name], meta["splits"][name] = len(keys), "train"
         index.update({key: [name, row] for row, key in enumerate(keys)})
     (cache_dir / cache_lib.INDEX_FILE).write_text(json.dumps(index))
-    from unclip.embed import compute_stats
-
     np.savez(cache_dir / cache_lib.STATS_FILE, **compute_stats(cache_dir, sorted(meta["counts"])))
     meta["embedded"] = sum(meta["counts"].values())
     cache_lib.write_meta(cache_dir, meta)

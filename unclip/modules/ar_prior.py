@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 class ARPriorModule(PriorModule):
     kind = "ar_prior"
+    aliases = ("ar",)
+    colormap = "Oranges"
 
     def __init__(self, net: dict, tokenizer: dict, sampling: dict | None = None, cond_drop_prob: float = 0.1,
                  fit_rows: int = 100_000, clip=None, use_token_states: bool = True, val_pool: int = 1000,

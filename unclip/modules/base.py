@@ -10,7 +10,8 @@ import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
 
-from unclip.data.datamodule import hash_seed
+from unclip import registry
+from unclip.seeding import hash_seed
 
 VAL_SPLITS = ("", "_unseen")  # validation dataloader 0: seen compositions; 1: held-out compositions
 
@@ -30,7 +31,20 @@ def warmup_cosine(warmup_steps: int, total_steps: int | None, min_lr_ratio: floa
 
 
 class UnclipModule(pl.LightningModule):
-    """Base class: subclasses implement ``training_step``/``validation_step`` and ``trainable_parameters``."""
+    """Base class: subclasses implement ``training_step``/``validation_step`` and ``trainable_parameters``.
+
+    A subclass that sets ``kind`` is a stage and registers itself (:mod:`unclip.registry`); ``aliases`` are
+    its short names on the command line, ``colormap`` its hue in plots. Classes that only share code (such
+    as ``PriorModule``) set no kind of their own."""
+
+    kind: str
+    aliases: tuple[str, ...] = ()
+    colormap: str | None = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "kind" in cls.__dict__:
+            registry.register(cls)
 
     def __init__(self, optim: dict | None = None, seed: int = 0):
         super().__init__()
@@ -124,6 +138,10 @@ class UnclipModule(pl.LightningModule):
         for logger in self.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image(key=f"samples/{name}", images=[grid], step=self.global_step)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # where the class lives, so unclip.load finds a stage defined outside unclip (a str: weights_only-safe)
+        checkpoint["stage_class"] = registry.qualified_name(type(self))
 
     # ------------------------------------------------------------------------- publishing
     def publish(self, path) -> None:

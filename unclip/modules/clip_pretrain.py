@@ -52,6 +52,7 @@ class ClipPretrainModule(UnclipModule):
     """Trains an open_clip model (from its config name, randomly initialised) with ``ClipLoss``."""
 
     kind = "clip"
+    loadable = False  # publishes a plain open_clip state dict, which FrozenCLIP opens
 
     def __init__(self, model_name: str = "unclip-tiny", optim: dict | None = None, seed: int = 0,
                  retrieval_pool: int = 1000, clip_name: str | None = None):

@@ -31,6 +31,8 @@ FIXED_TIMESTEP = 0  # the constant fed to the net's timestep slot (no diffusion:
 
 class ContrastivePriorModule(PriorModule):
     kind = "contrastive_prior"
+    aliases = ("contrastive",)
+    colormap = "Greens"
 
     def __init__(self, net: dict, contrastive_weight: float = 0.2, temperature: float = 0.07,
                  learn_temperature: bool = True, max_logit_scale: float = 100.0, guidance_scale: float = 1.0,

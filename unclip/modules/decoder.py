@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from unclip.data.datamodule import hash_seed
+from unclip.seeding import hash_seed
 from unclip.diffusion import GaussianDiffusion, Sampler, classifier_free_guidance, ddim_invert
 from unclip.modules.base import UnclipModule
 from unclip.modules.clip_pretrain import zero_shot_attributes
@@ -47,7 +47,7 @@ class DecoderModule(UnclipModule):
                                    "sampler": dict(sampler), "text_cond": text_cond, "image_drop_prob": image_drop_prob,
                                    "text_drop_prob": text_drop_prob})
         self.val_store: dict[str, dict[str, list]] = {}
-        # the project's attribute classifier (python -m unclip.attributes), when trained: scores decoded val
+        # the project's attribute classifier (python train_classifier.py), when trained: scores decoded val
         # images against the attributes of the images whose z_i they decode
         # (held in a plain dict: as a submodule it would land in every checkpoint)
         self.attribute_classifier_path, self.evaluators = attribute_classifier, {}
@@ -63,11 +63,11 @@ class DecoderModule(UnclipModule):
         path = self.attribute_classifier_path
         if "attributes" not in self.evaluators and path:
             if Path(path).exists():
-                from unclip.attributes import load_classifier
+                from unclip.eval.attributes import load_classifier
 
                 self.evaluators["attributes"] = load_classifier(path, self.device)
             else:
-                log.info("no attribute classifier at %s (train one with python -m unclip.attributes): "
+                log.info("no attribute classifier at %s (train one with python train_classifier.py): "
                          "val/decoder/attr_acc is not logged", path)
                 self.attribute_classifier_path = None
 
@@ -170,7 +170,7 @@ class DecoderModule(UnclipModule):
             for attribute, value in zero_shot_attributes(encode_text, z_fake, store["meta"]).items():
                 self.log(f"val/decoder/zeroshot_{attribute}{suffix}", value, add_dataloader_idx=False)
             if "attributes" in self.evaluators and all(m.get("objects") for m in store["meta"]):
-                from unclip.attributes import attribute_accuracy
+                from unclip.eval.attributes import attribute_accuracy
 
                 objects = [m["objects"] for m in store["meta"]]
                 for name, images in (("", fake), ("_real", real)):  # _real: the classifier's ceiling at this size

@@ -16,6 +16,8 @@ from unclip.nets.prior_transformer import PriorTransformer, cat_prefix, repeat_p
 
 class DiffusionPriorModule(PriorModule):
     kind = "diffusion_prior"
+    aliases = ("diffusion",)
+    colormap = "Blues"
 
     def __init__(self, net: dict, diffusion: dict, sampler: dict, cond_drop_prob: float = 0.1, best_of: int = 2,
                  clip=None, use_token_states: bool = True, val_pool: int = 1000, optim: dict | None = None, seed: int = 0):

@@ -2,7 +2,7 @@
 (z_t and, optionally, the caption's token states), and one validation protocol.
 
 Validation draws ẑ_i for a fixed pool of val pairs (``val_pool``, the same rows and seeds every time and
-for every prior kind) and logs the cosine suite of :mod:`unclip.metrics` under ``val/prior/*`` (and
+for every prior kind) and logs the cosine suite of :mod:`unclip.eval.prior_metrics` under ``val/prior/*`` (and
 ``*_unseen`` for the held-out compositions), next to the two baseline rows ``val/baseline_zt/*`` and
 ``val/baseline_linear/*``, logged once per run.
 """
@@ -15,8 +15,8 @@ from collections import defaultdict
 import torch
 
 from unclip.data import cache as cache_lib
-from unclip.data.datamodule import hash_seed
-from unclip.metrics import baseline_predictions, prior_metrics
+from unclip.seeding import hash_seed
+from unclip.eval.prior_metrics import baseline_predictions, prior_metrics
 from unclip.modules.base import UnclipModule
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def gather_rows(module, rows: torch.Tensor) -> torch.Tensor:
 class PriorModule(UnclipModule):
     """Subclasses implement ``loss(batch) -> scalar`` and ``sample(cond, generator) -> z_i (B, D)``."""
 
-    kind = "prior"
+    is_prior = True  # what evaluation, the pipeline and the demo ask of a stage kind (unclip.registry.is_prior)
 
     def __init__(self, embed_dim: int, clip=None, use_token_states: bool = True, val_pool: int = 1000,
                  optim: dict | None = None, seed: int = 0):
@@ -81,7 +81,7 @@ class PriorModule(UnclipModule):
         stats = cache_lib.load_stats(datamodule.cache_dir)
         if "linear_weight" not in stats:
             raise ValueError(f"stats of cache {datamodule.cache_dir} predate the linear baseline; rerun "
-                             f"`python -m unclip.embed` (finished shards are kept, only the stats are recomputed)")
+                             f"`python embed.py` (finished shards are kept, only the stats are recomputed)")
         for name in ("img_mean", "img_std", "txt_mean", "txt_std"):
             getattr(self, name).copy_(torch.as_tensor(stats[name]))
         self.linear_baseline = (torch.as_tensor(stats["linear_weight"]), torch.as_tensor(stats["linear_bias"]))

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from hydra.utils import instantiate
 
-from unclip.data.datamodule import hash_seed
+from unclip.seeding import hash_seed
 from unclip.degradations import resize
 from unclip.diffusion import GaussianDiffusion, Sampler
 from unclip.modules.base import UnclipModule

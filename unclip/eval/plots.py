@@ -8,7 +8,8 @@ from typing import Callable
 
 import torch
 
-from unclip.metrics import BASELINES
+from unclip import registry
+from unclip.eval.prior_metrics import BASELINES
 
 # the plotted ones: closeness to the true z_i, and (lower is better) how image-like the spread of ẑ_i is
 COST_METRICS = ("cos_true", "fd_img", "cos_true_unseen", "fd_img_unseen")
@@ -27,12 +28,9 @@ def trained_kinds(rows: list[dict]) -> list[str]:
     return list(dict.fromkeys(r["prior"] for r in rows if r["prior"] not in BASELINES))
 
 
-SHADES = {"diffusion_prior": "Blues", "ar_prior": "Oranges", "contrastive_prior": "Greens"}  # one hue per prior kind
-
-
 def shade(plt, kind: str, i: int, count: int):
     """Colour ``i`` of ``count`` in the prior kind's own hue (darker = later)."""
-    return plt.get_cmap(SHADES.get(kind, "Purples"))(0.45 + 0.5 * (i / max(count - 1, 1)))
+    return plt.get_cmap(registry.colormap(kind))(0.45 + 0.5 * (i / max(count - 1, 1)))
 
 
 def draw_baselines(ax, rows: list[dict], metric: str) -> None:
@@ -152,6 +150,28 @@ def plot_quality_vs_steps(rows: list[dict], path: Path) -> None:
         ax.set_ylabel(metric)
     axes[0].legend(fontsize=7)
     fig.suptitle("image quality against sampling steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_compare(rows: list[dict], path: Path) -> None:
+    """cos_true against seconds per 1,000 samples, one point per prior and setting; baselines dashed."""
+    plt = pyplot()
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind in dict.fromkeys(r["prior"] for r in rows if not r["prior"].startswith("baseline")):
+        points = [r for r in rows if r["prior"] == kind]
+        ax.scatter([r["s_per_1k"] for r in points], [r["cos_true"] for r in points], label=kind)
+        for r in points:
+            ax.annotate(r["settings"], (r["s_per_1k"], r["cos_true"]), fontsize=6)
+    for r in rows:
+        if r["prior"].startswith("baseline"):
+            ax.axhline(r["cos_true"], linestyle="--", linewidth=1, color="grey")
+            ax.annotate(r["prior"], (0, r["cos_true"]), fontsize=7, color="grey")
+    ax.set_xlabel("seconds per 1,000 samples")
+    ax.set_ylabel("val cos(ẑ_i, z_i)")
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

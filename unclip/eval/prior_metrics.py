@@ -12,7 +12,6 @@ collapsed spread that such an estimate has, which is what the decoder would be f
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -22,7 +21,7 @@ BASELINES = ("baseline_zt", "baseline_linear")
 
 def prior_metrics(z_pred: torch.Tensor, z_img: torch.Tensor, z_txt: torch.Tensor) -> dict[str, float]:
     """z_pred, z_img, z_txt: (N, D) CLIP embeddings (any scale); pairs share a row."""
-    from unclip.image_metrics import frechet_distance  # torchmetrics' FID: loaded only when metrics are computed
+    from unclip.eval.image_metrics import frechet_distance  # torchmetrics' FID: loaded only when metrics are computed
 
     z_pred, z_img, z_txt = (F.normalize(z.float(), dim=-1) for z in (z_pred, z_img, z_txt))
     cos_text = (z_pred * z_txt).sum(-1).mean()
@@ -37,16 +36,6 @@ def prior_metrics(z_pred: torch.Tensor, z_img: torch.Tensor, z_txt: torch.Tensor
         "retrieval_top1": float((retrieved == torch.arange(len(z_img), device=z_img.device)).float().mean()),
         "fd_img": frechet_distance(z_img, z_pred) if len(z_img) > 1 else float("nan"),
     }
-
-
-def fit_linear_map(z_txt: np.ndarray, z_img: np.ndarray, ridge: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
-    """Closed-form ridge regression z_i ≈ z_t W + b on train pairs: the 'linear map' baseline prior."""
-    z_txt, z_img = z_txt.astype(np.float64), z_img.astype(np.float64)
-    mean_t, mean_i = z_txt.mean(0), z_img.mean(0)
-    xt, yi = z_txt - mean_t, z_img - mean_i
-    gram = xt.T @ xt
-    weight = np.linalg.solve(gram + ridge * np.trace(gram) / len(gram) * np.eye(len(gram)), xt.T @ yi)
-    return weight.astype(np.float32), (mean_i - mean_t @ weight).astype(np.float32)
 
 
 def baseline_predictions(z_txt: torch.Tensor, linear_weight: torch.Tensor, linear_bias: torch.Tensor) -> dict[str, torch.Tensor]:
