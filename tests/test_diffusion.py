@@ -90,6 +90,18 @@ def test_space_timesteps_specs():
         space_timesteps(10, "20")
 
 
+def test_trailing_spacing_is_diffusers_trailing():
+    assert space_timesteps(1000, "trailing10") == list(range(99, 1000, 100))
+    for n in range(1, 201):
+        ref = DDIMScheduler(num_train_timesteps=1000, timestep_spacing="trailing")
+        ref.set_timesteps(n)
+        theirs = ref.timesteps.tolist()
+        # for a few n diffusers' float arange yields one step too many, a -1: ours are the n before it
+        assert space_timesteps(1000, f"trailing{n}") == sorted(theirs if len(theirs) == n else theirs[:n])
+    with pytest.raises(ValueError, match="trailing"):
+        space_timesteps(10, "trailing20")
+
+
 def test_respacing_keeps_alpha_bar():
     d = GaussianDiffusion(make_betas("linear", 1000))
     r = d.respace("27,5,5")
