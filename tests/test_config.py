@@ -85,3 +85,25 @@ def test_bad_diffusion_choice_is_named(tiny_clip):
 
     with pytest.raises(ValueError, match="diffusion.prediction"):
         build_module(compose_train("model=diffusion_prior", "diffusion.prediction=epsilon"), tiny_clip)
+
+
+
+SAMPLERS = sorted(p.stem for p in (CONF / "sampler").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_config_composes_into_a_sampler(sampler):
+    """``model=decoder sampler=decoder_dpmpp_2m`` and the like: the group override reaches the module's
+    sampler, and a stage's variants keep its DDIM config's guidance and clamp."""
+    from unclip.diffusion import GaussianDiffusion, Sampler
+
+    staged = sampler.startswith(("decoder_", "upsampler_"))
+    stage, kind = sampler.split("_", 1) if staged else ("diffusion_prior", sampler)
+    model = "upsampler_32_64" if stage == "upsampler" else stage
+    cfg = compose_train(f"model={model}", f"sampler={sampler}")
+    built = Sampler(**OmegaConf.to_container(cfg.model.module.sampler, resolve=True))  # what the module is handed
+    assert built.kind == kind
+    assert built.process(GaussianDiffusion.from_config(**cfg.diffusion)).num_timesteps <= cfg.diffusion.num_timesteps
+    if staged:
+        ddim = compose_train(f"sampler={stage}_ddim").sampler
+        assert (built.guidance_scale, built.clip_denoised) == (ddim.guidance_scale, ddim.clip_denoised)

@@ -1,4 +1,4 @@
-"""The decoder: UNet shapes, z_i conditioning, CFG dropout rates, overfitting, DDIM decoding, the CLI run."""
+"""The decoder: UNet shapes, z_i conditioning, CFG dropout rates, overfitting, DDIM and solver decoding, the CLI run."""
 
 from pathlib import Path
 
@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from test_train_cli import common, run_cli
+from unclip.diffusion import Sampler
 from unclip.modules.decoder import DecoderModule
 from unclip.nets.unet import UNet
 from helpers import fixed_loss, logged_keys, train_steps
@@ -122,6 +123,20 @@ def test_ddim_decoding_runs_with_guidance_and_is_seeded(tiny_clip):
     assert a.shape == (3, 3, 16, 16) and a.min() >= -1 and a.max() <= 1
     torch.testing.assert_close(a, b)
     assert not torch.allclose(a, module.sample(z, generator=torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize("kind", ["dpmpp_2m", "unipc"])
+def test_fast_solvers_decode_through_the_sampler_config(tiny_clip, kind):
+    """A learned-variance decoder, guided and clamped, decodes with the solver its sampler config names."""
+    module = DecoderModule(tiny_unet_config(learn_sigma=True), {**DIFFUSION, "variance": "learned_range"},
+                           {**SAMPLER, "kind": kind}, clip=tiny_clip)
+    randomise_zero_layers(module.net).eval()
+    z = torch.nn.functional.normalize(torch.randn(2, 128), dim=-1)
+    a = module.sample(z, generator=torch.Generator().manual_seed(0), guidance_scale=3.0)
+    assert a.shape == (2, 3, 16, 16) and torch.isfinite(a).all() and a.min() >= -1 and a.max() <= 1
+    torch.testing.assert_close(a, module.sample(z, generator=torch.Generator().manual_seed(0), guidance_scale=3.0))
+    module.sampler = Sampler(**SAMPLER)  # DDIM, the same steps: a different loop, a different image
+    assert not torch.allclose(a, module.sample(z, generator=torch.Generator().manual_seed(0), guidance_scale=3.0))
 
 
 @pytest.mark.slow

@@ -132,6 +132,17 @@ def test_sampling_is_seeded_best_of_n_and_unit_norm(shapes_dir, cache_dir, tiny_
     assert guided.shape == a.shape and not torch.allclose(guided, a)
 
 
+@pytest.mark.parametrize("kind", ["dpmpp_2m", "unipc"])
+def test_fast_solvers_sample_the_prior_through_the_sampler_config(shapes_dir, cache_dir, tiny_clip, kind):
+    dm = prior_datamodule(shapes_dir, cache_dir, shuffle=False)
+    dm.setup()
+    module = DiffusionPriorModule(TINY_NET, DIFFUSION, {**SAMPLER, "kind": kind}, clip=tiny_clip).eval()
+    cond = module.condition(next(iter(dm.val_dataloader()[0])))
+    z = module.sample(cond, torch.Generator().manual_seed(0), guidance_scale=3.0)
+    assert module.sampler.kind == kind and z.shape == (12, 128) and torch.allclose(z.norm(dim=-1), torch.ones(12))
+    torch.testing.assert_close(z, module.sample(cond, torch.Generator().manual_seed(0), guidance_scale=3.0))
+
+
 class RecordValidationWeights(pl.Callback):
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         self.seen = pl_module.net.out.weight.detach().clone()

@@ -159,6 +159,16 @@ def test_the_condition_and_the_augmentation_level_change_the_output():
         module.net(x, t, aug_level=t)
 
 
+@pytest.mark.parametrize("kind", ["dpmpp_2m", "unipc"])
+def test_fast_solvers_upsample_through_the_sampler_config(kind):
+    net = dict(image_size=32, channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[],
+               middle_attention=False, groups=8)
+    module = UpsamplerModule(net, DIFFUSION, {**SAMPLER, "kind": kind}, lowres_size=16, crop_size=16)
+    randomise_zero_layers(module.net).eval()
+    out = module.upsample(shapes_batch(2, 16), generator=torch.Generator().manual_seed(0))
+    assert module.sampler.kind == kind and out.shape == (2, 3, 32, 32) and out.min() >= -1 and out.max() <= 1
+
+
 def test_loss_falls_on_a_tiny_run():
     torch.manual_seed(0)
     module = tiny_upsampler(noise_aug={"max_step": 20, "sample_step": 0})

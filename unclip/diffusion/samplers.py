@@ -3,11 +3,13 @@
 ``model_fn(x_t, t)`` returns the net's raw output, ``t`` being the *training* step; the samplers walk a
 (possibly respaced) :class:`GaussianDiffusion` and map its steps through ``timestep_map``. Classifier-free
 guidance is a wrapper around a model function, written once; clipping and dynamic thresholding are
-``denoise_fn``s applied to the predicted x0.
+``denoise_fn``s applied to the predicted x0. ``dpmpp_2m_sample`` and ``unipc_sample`` are multistep ODE
+solvers in the data prediction (one model call per step, second order): the fast samplers for 10-25 steps.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,6 +18,7 @@ from tqdm import tqdm
 
 from unclip.diffusion.schedule import GaussianDiffusion, Prediction
 
+KINDS = ("ddim", "ddpm", "dpmpp_2m", "unipc")  # what Sampler.kind selects
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 DenoiseFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -29,7 +32,9 @@ def clip_x0(x0: torch.Tensor) -> torch.Tensor:
 def dynamic_threshold(percentile: float = 0.995) -> DenoiseFn:
     """Imagen §2.3: s = the ``percentile`` of |x0| per sample (at least 1); clamp to [-s, s], divide by s."""
     def threshold(x0: torch.Tensor) -> torch.Tensor:
-        s = torch.quantile(x0.detach().abs().flatten(1).float(), percentile, dim=1).clamp(min=1.0).to(x0.dtype)
+        a = x0.detach().abs().flatten(1)
+        a = a if a.dtype in (torch.float32, torch.float64) else a.float()  # quantile needs float32 or float64
+        s = torch.quantile(a, percentile, dim=1).clamp(min=1.0).to(x0.dtype)
         s = s.view(-1, *([1] * (x0.dim() - 1)))
         return x0.clamp(-s, s) / s
     return threshold
@@ -132,23 +137,115 @@ def ddim_invert(model_fn: ModelFn, diffusion: GaussianDiffusion, x0: torch.Tenso
     return x
 
 
+# ------------------------------------------------------------------------------ multistep solvers
+def _levels(diffusion: GaussianDiffusion) -> tuple[list[float], list[float], list[float]]:
+    """alpha_k = sqrt(abar), sigma_k = sqrt(1 - abar) and lambda_k = log(alpha_k / sigma_k) (float64) of the
+    levels a solver visits, in sampling order: step k sits at index N-1-k of ``diffusion``, level N is the
+    data itself (alpha 1, sigma 0, lambda inf), where DDIM's last step lands too."""
+    abar = torch.cat([diffusion.alphas_cumprod.flip(0), torch.ones(1, dtype=torch.float64)])
+    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    return alpha.tolist(), sigma.tolist(), (alpha.log() - sigma.log()).tolist()
+
+
+def _data_prediction(model_fn: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor, i: int,
+                     denoise_fn: DenoiseFn | None) -> torch.Tensor:
+    """x_theta(x, t_i): the model's x0, corrected by ``denoise_fn`` (where DPM-Solver++ applies thresholding)."""
+    index, t = step_t(diffusion, i, x)
+    return diffusion.predict(model_fn(x, t), x, index, denoise_fn).x0
+
+
+@torch.no_grad()
+def dpmpp_2m_sample(model_fn: ModelFn, diffusion: GaussianDiffusion, x_T: torch.Tensor,
+                    denoise_fn: DenoiseFn | None = None, progress: bool = False) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Alg. 2): the probability-flow ODE solved in
+    lambda = log(alpha / sigma) with the data prediction, second order from the previous step's x0, one
+    model call per step. The first step (no history) and the last (to sigma = 0, h = inf) are first order,
+    i.e. DDIM, as diffusers' ``DPMSolverMultistepScheduler`` (``final_sigmas_type="zero"``) does."""
+    alpha, sigma, lam = _levels(diffusion)
+    n = diffusion.num_timesteps
+    x, x0_prev = x_T, None
+    for k, i in enumerate(_steps(diffusion, progress, "dpmpp_2m")):
+        x0 = _data_prediction(model_fn, diffusion, x, i, denoise_fn)
+        h = lam[k + 1] - lam[k]                                  # h_i = lambda_{t_i} - lambda_{t_{i-1}}
+        d = x0
+        if x0_prev is not None and k < n - 1:
+            r = (lam[k] - lam[k - 1]) / h                        # Alg. 2: r_i = h_{i-1} / h_i
+            d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev   # Alg. 2: D_i
+        # Alg. 2: x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) x_{t_{i-1}} - alpha_{t_i} (e^{-h_i} - 1) D_i
+        x = sigma[k + 1] / sigma[k] * x - alpha[k + 1] * math.expm1(-h) * d
+        x0_prev = x0
+    return x
+
+
+def _unipc_update(x: torch.Tensor, k: int, x0s: list[torch.Tensor], alpha: list[float], sigma: list[float],
+                  lam: list[float], order: int, x0_next: torch.Tensor | None = None) -> torch.Tensor:
+    """One UniPC-bh2 move of x from level k to k + 1 (Zhao et al. 2023, "UniPC", §3), data prediction form:
+    x = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) m_s - alpha_t B sum_m a_m D_m, with B = e^{-h} - 1 (bh2,
+    B(h) = e^h - 1 taken at -h in the data prediction).
+    ``x0s`` holds the data predictions at levels ..., k-1, k (newest last). Without ``x0_next`` this is the
+    predictor UniP-``order``; with it (the model's x0 at the predicted point) the corrector UniC-``order``,
+    whose extra term D = x0_next - m_s raises the order by one at no extra model call."""
+    s, t = k, k + 1
+    h = lam[t] - lam[s]
+    b_h = math.expm1(-h)                                         # bh2, = (-h) phi_1(-h)
+    m0 = x0s[-1]
+    out = sigma[t] / sigma[s] * x - alpha[t] * b_h * m0          # the first-order (DDIM) part
+    if order == 2:
+        r = (lam[s - 1] - lam[s]) / h                            # r_1 = (lambda_{s-1} - lambda_s) / h
+        d1 = (x0s[-2] - m0) / r
+    if x0_next is None:                                          # UniP: a_1 = 1/2 for p = 2 (as the reference code)
+        return out if order == 1 else out - alpha[t] * b_h * 0.5 * d1
+    d_next = x0_next - m0
+    if order == 1:                                               # UniC-1: a_1 = 1/2
+        return out - alpha[t] * b_h * 0.5 * d_next
+    # UniC-2: a solves [[1, 1], [r, 1]] a = g, g_n = n! z phi_{n+1}(z) / B(h) at z = -h, where
+    # phi_1(z) = (e^z - 1) / z and phi_{n+1}(z) = (phi_n(z) - 1/n!) / z
+    z = -h
+    g1 = (b_h / z - 1) / b_h                                     # z phi_2(z) = phi_1(z) - 1
+    g2 = 2 * ((b_h / z - 1) / z - 0.5) / b_h                     # z phi_3(z) = phi_2(z) - 1/2
+    a1 = (g1 - g2) / (1 - r)
+    a2 = g1 - a1
+    return out - alpha[t] * b_h * (a1 * d1 + a2 * d_next)
+
+
+@torch.no_grad()
+def unipc_sample(model_fn: ModelFn, diffusion: GaussianDiffusion, x_T: torch.Tensor,
+                 denoise_fn: DenoiseFn | None = None, progress: bool = False) -> torch.Tensor:
+    """UniPC-2 with B(h) = e^h - 1 ("bh2"; Zhao et al. 2023), in the data prediction: each step first
+    corrects the current point with the model output just computed there (UniC), then predicts the next
+    (UniP, multistep); one model call per step. Orders warm up from 1 and the last step is first order, as
+    diffusers' ``UniPCMultistepScheduler`` (``solver_order=2``, ``lower_order_final``) does."""
+    alpha, sigma, lam = _levels(diffusion)
+    n = diffusion.num_timesteps
+    x, x0s, x_last, order = x_T, [], None, 0
+    for k, i in enumerate(_steps(diffusion, progress, "unipc")):
+        x0 = _data_prediction(model_fn, diffusion, x, i, denoise_fn)
+        if x_last is not None:                                   # UniC: level k from k-1, with the new x0
+            x = _unipc_update(x_last, k - 1, x0s, alpha, sigma, lam, order, x0_next=x0)
+        x0s = (x0s + [x0])[-2:]
+        order = min(2, k + 1, n - k)
+        x_last = x
+        x = _unipc_update(x, k, x0s, alpha, sigma, lam, order)  # UniP: level k + 1
+    return x
+
+
 # ------------------------------------------------------------------------------ configured sampler
 @dataclass
 class Sampler:
     """What ``sampler=`` configures: which loop, how many steps (a respacing spec), eta, guidance scale,
     and the optional x0 correction for pixel models."""
 
-    kind: str = "ddim"                       # ddim | ddpm
-    steps: int | str = 64                    # see space_timesteps: 64, "ddim50", "27,5,5"
-    eta: float = 0.0                         # DDIM only: 0 deterministic, 1 ancestral-like
+    kind: str = "ddim"                       # ddim | ddpm | dpmpp_2m | unipc
+    steps: int | str = 64                    # see space_timesteps: 64, "ddim50", "trailing20", "27,5,5"
+    eta: float = 0.0                         # DDIM only: 0 deterministic, 1 ancestral-like (the solvers: unused)
     guidance_scale: float = 1.0              # classifier-free guidance; 1 = conditional model only
     clip_denoised: bool = False              # clamp x0 to [-1, 1] (pixels)
     dynamic_threshold: float | None = None   # Imagen's percentile (e.g. 0.995), pixels
     progress: bool = False
 
     def __post_init__(self):
-        if self.kind not in ("ddim", "ddpm"):
-            raise ValueError(f"sampler.kind must be 'ddim' or 'ddpm', got {self.kind!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"sampler.kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
         self._respaced: dict = {}
 
     def denoise_fn(self) -> DenoiseFn | None:
@@ -169,5 +266,9 @@ class Sampler:
         process = self.process(diffusion, steps)
         if self.kind == "ddpm":
             return ddpm_sample(model_fn, process, x_T, generator, self.denoise_fn(), self.progress)
+        if self.kind == "dpmpp_2m":
+            return dpmpp_2m_sample(model_fn, process, x_T, self.denoise_fn(), self.progress)
+        if self.kind == "unipc":
+            return unipc_sample(model_fn, process, x_T, self.denoise_fn(), self.progress)
         return ddim_sample(model_fn, process, x_T, self.eta if eta is None else eta, generator, self.denoise_fn(),
                            self.progress)

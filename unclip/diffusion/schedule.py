@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 PREDICTIONS = ("x0", "eps", "v")
@@ -40,8 +41,9 @@ def space_timesteps(num_timesteps: int, spec: int | str | list[int]) -> list[int
     """Which of the ``num_timesteps`` training steps a sampler visits (IDDPM App. B, ``respace.py``).
 
     ``64`` or ``"64"``: 64 steps spread evenly; ``"ddim50"``: a constant stride that starts at 0 (DDIM's
-    choice); ``"27,5,5"``: the schedule cut into equal sections with 27, 5 and 5 steps each; a list: those
-    steps exactly.
+    choice); ``"trailing20"``: strides of T/20 down from T-1 (Lin et al. 2023, Table 2, "trailing"; the
+    timesteps of diffusers' ``timestep_spacing="trailing"``, which the fast solvers are tested against);
+    ``"27,5,5"``: the schedule cut into equal sections with 27, 5 and 5 steps each; a list: those steps exactly.
     """
     if isinstance(spec, (list, tuple)):
         steps = sorted({int(s) for s in spec})
@@ -55,6 +57,14 @@ def space_timesteps(num_timesteps: int, spec: int | str | list[int]) -> list[int
             if len(range(0, num_timesteps, stride)) == count:
                 return list(range(0, num_timesteps, stride))
         raise ValueError(f"cannot take {count} equally strided steps from {num_timesteps}")
+    if spec.startswith("trailing"):
+        count = int(spec[len("trailing"):])
+        # diffusers' arithmetic, rounding included: arange(T, 0, -T/count).round() - 1 (its float arange can
+        # yield one entry too many, a -1; the first ``count`` are the schedule)
+        steps = (np.arange(num_timesteps, 0, -num_timesteps / max(count, 1))[:count].round() - 1).astype(np.int64)
+        if count < 1 or len(set(steps.tolist())) != count:
+            raise ValueError(f"cannot take {count} trailing steps from {num_timesteps}; use 1 to {num_timesteps}")
+        return sorted(steps.tolist())
     counts = [int(c) for c in spec.split(",")]
     size, extra = divmod(num_timesteps, len(counts))
     steps, start = [], 0

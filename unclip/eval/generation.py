@@ -57,7 +57,8 @@ def check_decoder_settings(settings: dict) -> dict:
 @contextmanager
 def decoder_sampler(decoder, kind: str | None):
     """The decoder's sampler switched to another loop for the duration: ``ddpm`` is ancestral sampling
-    (Ho et al. 2020, Alg. 2) over the (respaced) chain, ``ddim`` is Song et al. 2021, eq. 12."""
+    (Ho et al. 2020, Alg. 2) over the (respaced) chain, ``ddim`` is Song et al. 2021, eq. 12, ``dpmpp_2m``
+    and ``unipc`` the second-order multistep ODE solvers (``unclip.diffusion.samplers``)."""
     original = decoder.sampler
     if kind is not None and kind != original.kind:
         decoder.sampler = dataclasses.replace(original, kind=kind)  # validates the kind, fresh respacing cache
