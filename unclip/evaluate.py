@@ -96,7 +96,6 @@ def baseline_rows(pools: dict, cache_dir: str) -> list[dict]:
 def run(cfg: DictConfig) -> list[dict]:
     if cfg.mode not in MODES:
         raise ValueError(f"unknown evaluate mode {cfg.mode!r}; choose among {', '.join(MODES)}")
-    torch.manual_seed(int(cfg.seed))  # as train.py does before building the CLIP (random-weight CLIPs match too)
     clip = instantiate(cfg.clip, _convert_="all")  # the run's CLIP; load() refuses a prior trained with another
     if cfg.mode in ("images", "leaderboard", "steps"):
         from unclip import leaderboard

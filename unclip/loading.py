@@ -69,7 +69,8 @@ def clip_from_identity(identity: dict, device="cpu", search: tuple[Path, ...] = 
     if pretrained and Path(pretrained).suffix and not Path(pretrained).exists():
         moved = [p for p in (folder / Path(pretrained).name for folder in search) if p.exists()]
         pretrained = str(moved[0]) if moved else pretrained  # else FrozenCLIP names the missing file
-    clip = FrozenCLIP(identity["model"], pretrained, device=device)
+    # random weights are rebuilt from their seed (older checkpoints name none: the default seed, checked below)
+    clip = FrozenCLIP(identity["model"], pretrained, device=device, init_seed=identity.get("random_init_seed") or 0)
     check_clip(clip, identity)
     return clip
 
