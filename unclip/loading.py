@@ -16,6 +16,36 @@ import torch
 ALIASES = {"diffusion": "diffusion_prior", "ar": "ar_prior", "contrastive": "contrastive_prior"}
 
 
+class CheckpointError(ValueError):
+    """A file that is not a readable unclip checkpoint: truncated, another format, or no checkpoint at all."""
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """``torch.load`` (weights only, on the CPU) that names the file when it cannot be read: torch's own
+    errors for a cut or foreign file (``failed finding central directory``, ``pop from empty list``, a bare
+    ``EOFError``, a weights-only unpickling advice) do not say which file or what to do."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exn:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError, IndexError...
+        reason = str(exn).strip().split(". ")[0].splitlines()[0][:160] if str(exn).strip() else ""
+        raise CheckpointError(f"{path} is not a readable unclip checkpoint (truncated, another format, or not a checkpoint): "
+                              f"torch.load raised {type(exn).__name__}{': ' + reason if reason else ''}; "
+                              f"retrain or recopy it, or point at another checkpoint") from exn
+
+
+def read_stage(path: str | Path) -> dict:
+    """A stage checkpoint's contents; a readable torch file without a stage's ``state_dict`` and
+    ``hyper_parameters`` (e.g. a published CLIP's plain state dict) is named as such."""
+    checkpoint = read_checkpoint(path)
+    if not isinstance(checkpoint, dict) or not {"state_dict", "hyper_parameters"} <= set(checkpoint):
+        held = (f"keys {', '.join(repr(k) for k in list(checkpoint)[:6])}{', ...' if len(checkpoint) > 6 else ''}"
+                if isinstance(checkpoint, dict) else f"a {type(checkpoint).__name__}")
+        raise CheckpointError(f"{path} is a torch file but not an unclip stage checkpoint: it holds {held}, not a "
+                              f"state_dict with hyper_parameters (a published CLIP .pt is given as clip.pretrained=, "
+                              f"not loaded as a stage)")
+    return checkpoint
+
+
 def pick_device(name: str | torch.device = "auto") -> torch.device:
     """``auto``: the GPU when there is one (as Lightning's ``accelerator=auto`` picks), else the CPU."""
     if str(name) == "auto":
@@ -87,7 +117,7 @@ def check_clip(clip, identity: dict) -> None:
 def load(spec: str | Path, clip=None, device: str | torch.device = "cpu", artifacts: str | Path = "outputs/artifacts"):
     """The stage's LightningModule in eval mode with its EMA weights (``kind`` picks the class)."""
     path = resolve(spec, artifacts)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_stage(path)
     hparams = checkpoint.get("hyper_parameters") or {}
     classes = module_classes()
     if hparams.get("kind") not in classes:
