@@ -17,20 +17,29 @@ ALIASES = {"diffusion": "diffusion_prior", "ar": "ar_prior", "contrastive": "con
 
 
 class CheckpointError(ValueError):
-    """A file that is not a readable unclip checkpoint: truncated, another format, or no checkpoint at all."""
+    """A file that is not a readable unclip checkpoint: truncated, another format, or no checkpoint at all.
+    ``reason``: what failed, in a few words (torch's error, first sentence)."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason
 
 
-def read_checkpoint(path: str | Path) -> dict:
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
     """``torch.load`` (weights only, on the CPU) that names the file when it cannot be read: torch's own
     errors for a cut or foreign file (``failed finding central directory``, ``pop from empty list``, a bare
-    ``EOFError``, a weights-only unpickling advice) do not say which file or what to do."""
+    ``EOFError``, a weights-only unpickling advice) do not say which file or what to do. ``mmap``: map the
+    tensors instead of reading them (a cheap check that the file reads); a file that cannot be mapped is
+    read in full instead."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exn:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError, IndexError...
-        reason = str(exn).strip().split(". ")[0].splitlines()[0][:160] if str(exn).strip() else ""
+        if mmap:  # not a zip archive (a legacy torch file, or garbage): torch's reason comes from a plain read
+            return read_checkpoint(path)
+        text = str(exn).strip()
+        reason = f"torch.load raised {type(exn).__name__}" + (f": {text.split('. ')[0].splitlines()[0][:160]}" if text else "")
         raise CheckpointError(f"{path} is not a readable unclip checkpoint (truncated, another format, or not a checkpoint): "
-                              f"torch.load raised {type(exn).__name__}{': ' + reason if reason else ''}; "
-                              f"retrain or recopy it, or point at another checkpoint") from exn
+                              f"{reason}; retrain or recopy it, or point at another checkpoint", reason) from exn
 
 
 def read_stage(path: str | Path) -> dict:
