@@ -169,6 +169,12 @@ RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.max_epochs", "trainer.enable_
                      "hydra", "paths", "ckpt_path", "publish", "data.num_workers", "data.pin_memory", "model.compile")
 
 
+# Keys added after runs were stored, with the value that reproduces how those runs behaved: a stored config
+# without one resumes as if it had that value. (train.py built a random-weight CLIP right after seeding with
+# ``seed``, 0 by default: the same weights as init_seed 0; a CLIP that differs is refused by the cache's identity check.)
+ADDED_KEYS = {"clip.init_seed": 0}
+
+
 def flatten(tree, prefix: str = "") -> dict:
     """Nested dicts -> {"a.b.c": leaf}; lists are leaves (compared whole)."""
     if not isinstance(tree, dict):
@@ -183,6 +189,7 @@ def config_differences(stored: dict, current: dict) -> list[str]:
     """``key: old -> new`` for every key that differs outside :data:`RESUMABLE_CHANGES`."""
     absent = "<absent>"
     old, new = flatten(stored), flatten(current)
+    old.update({key: value for key, value in ADDED_KEYS.items() if key not in old and key in new})
     return [f"{key}: {old.get(key, absent)!r} -> {new.get(key, absent)!r}" for key in sorted(set(old) | set(new))
             if old.get(key, absent) != new.get(key, absent)
             and not any(key == allowed or key.startswith(allowed + ".") for allowed in RESUMABLE_CHANGES)]
