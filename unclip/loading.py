@@ -9,6 +9,7 @@ passed in) and refused when its weights differ.
 from __future__ import annotations
 
 import inspect
+import re
 from pathlib import Path
 
 import torch
@@ -25,6 +26,15 @@ class CheckpointError(ValueError):
         self.reason = reason
 
 
+def torch_reason(text: str) -> str:
+    """torch's error in a few words: the weights-only unpickler's own finding (``Unsupported operand 110``,
+    ``Unsupported global: GLOBAL x.Y``) rather than its advice to load with ``weights_only=False``; else
+    the first sentence."""
+    found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    line = found.group(1) if found else text.strip().splitlines()[0]
+    return line.split(". ")[0].strip()[:160]
+
+
 def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
     """``torch.load`` (weights only, on the CPU) that names the file when it cannot be read: torch's own
     errors for a cut or foreign file (``failed finding central directory``, ``pop from empty list``, a bare
@@ -36,8 +46,7 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
     except Exception as exn:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError, IndexError...
         if mmap:  # not a zip archive (a legacy torch file, or garbage): torch's reason comes from a plain read
             return read_checkpoint(path)
-        text = str(exn).strip()
-        reason = f"torch.load raised {type(exn).__name__}" + (f": {text.split('. ')[0].splitlines()[0][:160]}" if text else "")
+        reason = f"torch.load raised {type(exn).__name__}" + (f": {torch_reason(str(exn))}" if str(exn).strip() else "")
         raise CheckpointError(f"{path} is not a readable unclip checkpoint (truncated, another format, or not a checkpoint): "
                               f"{reason}; retrain or recopy it, or point at another checkpoint", reason) from exn
 
