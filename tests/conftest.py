@@ -26,8 +26,7 @@ def shapes_dir(tmp_path_factory):
 def tiny_clip():
     from unclip.clip import FrozenCLIP
 
-    torch.manual_seed(0)
-    return FrozenCLIP("unclip-tiny")
+    return FrozenCLIP("unclip-tiny")  # clip=unclip_tiny: random weights from init_seed 0, as every command builds it
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +47,5 @@ def embed_cfg(shapes_dir, tmp_path_factory):
 def cache_dir(embed_cfg):
     from unclip.embed import embed
 
-    torch.manual_seed(0)
     embed(embed_cfg)
     return embed_cfg.data.cache_dir

@@ -64,3 +64,61 @@ def test_missing_weights_and_names_are_named_errors(tmp_path):
         FrozenCLIP()
     with pytest.raises(ValueError, match="precision"):
         FrozenCLIP("unclip-tiny", precision="fp8")
+
+
+BUILD_FROM_CONFIG = """
+import json, sys
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+torch.manual_seed(int(sys.argv[1]))  # whatever the global generator holds must not matter
+torch.rand(int(sys.argv[2]))
+with initialize_config_dir(config_dir=sys.argv[3], version_base="1.3"):
+    cfg = compose("train", overrides=["clip=unclip_tiny", *sys.argv[4:]])
+before = torch.get_rng_state()
+clip = instantiate(cfg.clip, _convert_="all")
+print(json.dumps({"identity": clip.identity(), "rng_untouched": torch.equal(before, torch.get_rng_state())}))
+"""
+
+
+def build_clip_in_subprocess(global_seed: int, draws: int, *overrides: str) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", BUILD_FROM_CONFIG, str(global_seed), str(draws), str(root / "conf"), *overrides],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_a_random_clip_is_the_same_weights_in_every_process():
+    # `python embed.py clip=unclip_tiny` then `python train.py clip=unclip_tiny`: two processes, two
+    # global RNG states, one CLIP
+    first = build_clip_in_subprocess(1, 3)
+    second = build_clip_in_subprocess(2, 17)
+    assert first["identity"]["sha256"] == second["identity"]["sha256"]
+    assert first["identity"]["pretrained"] is None and first["identity"]["random_init_seed"] == 0
+    assert first["rng_untouched"] and second["rng_untouched"]  # building it leaves the caller's generator alone
+    other = build_clip_in_subprocess(1, 3, "clip.init_seed=1")
+    assert other["identity"]["sha256"] != first["identity"]["sha256"] and other["identity"]["random_init_seed"] == 1
+
+
+def test_a_clip_with_weights_is_not_called_random(tiny_clip, tmp_path):
+    path = save_published(tiny_clip.model, "unclip-tiny", tmp_path / "mine.pt")
+    identity = FrozenCLIP(pretrained=str(path)).identity()
+    assert identity["pretrained"] == str(path) and identity["random_init_seed"] is None
+    assert identity["sha256"] == tiny_clip.identity()["sha256"]
+
+
+def test_a_stage_names_its_random_clip_by_seed_and_loading_rebuilds_it():
+    from unclip.loading import clip_from_identity
+
+    identity = FrozenCLIP("unclip-tiny", init_seed=3).identity()
+    assert clip_from_identity(identity).identity() == identity

@@ -107,3 +107,14 @@ def test_every_sampler_config_composes_into_a_sampler(sampler):
     if staged:
         ddim = compose_train(f"sampler={stage}_ddim").sampler
         assert (built.guidance_scale, built.clip_denoised) == (ddim.guidance_scale, ddim.clip_denoised)
+
+
+def test_a_run_stored_before_a_key_existed_resumes_with_that_keys_old_behaviour():
+    from unclip.training import config_differences
+
+    current = OmegaConf.to_container(compose_train("clip=unclip_tiny"), resolve=False)
+    stored = OmegaConf.to_container(compose_train("clip=unclip_tiny"), resolve=False)
+    del stored["clip"]["init_seed"]  # a run dir written before random CLIPs had their own seed (they were built from seed 0)
+    assert config_differences(stored, current) == []
+    current["clip"]["init_seed"] = 1
+    assert config_differences(stored, current) == ["clip.init_seed: 0 -> 1"]

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import webdataset as wds
 
 from unclip.data.cache import load_stats, read_cache_shard, read_meta
@@ -49,7 +48,6 @@ def test_embed_resumes_after_an_interrupted_shard(embed_cfg, cache_dir, tmp_path
     del meta["counts"]["train-00002.tar"]
     (cache / "meta.json").write_text(json.dumps(meta))
     untouched = (cache / "train-00001.tar").stat().st_mtime_ns
-    torch.manual_seed(0)
     embed(embed_cfg)
     after = read_cache_shard(str(victim), ("img_emb",))
     assert after["keys"] == before["keys"] and np.array_equal(after["img_emb"], before["img_emb"])
@@ -142,3 +140,41 @@ def test_a_truncated_cache_shard_is_reported_not_silently_shortened(tmp_path):
     skipped = []
     chunks = list(iter_chunks(str(shard), ("img_emb",), lambda exn: skipped.append(exn) or True))
     assert skipped and sum(len(c) for c in chunks) < 8
+
+
+class Killed(BaseException):
+    """The process dying mid-write (no exception handler runs for a real kill -9; none may rescue this one)."""
+
+
+def test_stats_cut_short_by_a_kill_are_rewritten_by_the_rerun(embed_cfg, cache_dir, tmp_path, monkeypatch):
+    import io
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    cache = tmp_path / "cache"
+    shutil.copytree(cache_dir, cache)
+    expected = load_stats(cache)
+    (cache / "stats.npz").unlink()  # every shard embedded, the stats still to write
+    cfg = OmegaConf.merge(embed_cfg, {"data": {"cache_dir": str(cache)}})
+    savez = np.savez
+
+    def killed_halfway(file, **arrays):
+        buffer = io.BytesIO()
+        savez(buffer, **arrays)
+        data = buffer.getvalue()
+        if isinstance(file, (str, os.PathLike)):
+            Path(file).write_bytes(data[: len(data) // 2])
+        else:
+            file.write(data[: len(data) // 2])
+        raise Killed
+
+    monkeypatch.setattr(np, "savez", killed_halfway)
+    with pytest.raises(Killed):
+        embed(cfg)
+    monkeypatch.setattr(np, "savez", savez)
+    embed(cfg)  # the same command again
+    stats = load_stats(cache)
+    assert sorted(stats) == sorted(expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(stats[name], value, err_msg=name)

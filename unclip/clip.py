@@ -2,7 +2,9 @@
 
 Loads any open_clip model name with a pretrained tag (``ViT-B-32`` / ``laion2b_s34b_b79k``), a local
 checkpoint path, or a model registered by this project (``unclip-tiny``, and CLIPs published by
-``model=clip_pretrain`` as ``NAME.pt`` + ``NAME.json``). The object is deliberately *not* an
+``model=clip_pretrain`` as ``NAME.pt`` + ``NAME.json``). Without weights (``pretrained=None``) the model is
+built from its own seed, ``init_seed``, so that separate commands (embed, train, evaluate) naming the same
+random CLIP get the same weights, whatever the global RNG holds. The object is deliberately *not* an
 ``nn.Module``: a LightningModule that holds it does not register, average (EMA) or checkpoint it; it
 is named by its identity (model name + sha256 of the weights) instead.
 """
@@ -54,7 +56,7 @@ class FrozenCLIP:
     """A frozen open_clip model: ``encode_text`` -> :class:`TextEncoding`, ``encode_image`` -> z_i."""
 
     def __init__(self, model_name: str | None = None, pretrained: str | None = None, precision: str = "fp32",
-                 device: str | torch.device = "cpu", name: str | None = None, **_ignored):
+                 device: str | torch.device = "cpu", name: str | None = None, init_seed: int = 0, **_ignored):
         if pretrained and Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors") and not Path(pretrained).exists():
             raise FileNotFoundError(f"CLIP weights {pretrained} not found; train them with `python train.py model=clip_pretrain` "
                                     f"(published to outputs/artifacts/clip/) or set clip.pretrained")
@@ -69,7 +71,12 @@ class FrozenCLIP:
         if precision not in DTYPES:
             raise ValueError(f"clip.precision must be one of {list(DTYPES)}, got {precision!r}")
         self.model_name, self.pretrained, self.name = model_name, pretrained, name or model_name
-        self.model, _, self.preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
+        # random init from its own seed, on a forked CPU generator: the caller's RNG state neither decides the
+        # weights nor is moved by building them (open_clip builds on the CPU, then loads any weights over them)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(init_seed))
+            self.model, _, self.preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
+        self.random_init_seed = None if pretrained else int(init_seed)
         self.model.eval().requires_grad_(False).to(device=device, dtype=DTYPES[precision])
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.dtype = DTYPES[precision]
@@ -100,8 +107,10 @@ class FrozenCLIP:
     def identity(self) -> dict:
         if self._sha256 is None:
             self._sha256 = weights_sha256(self.model)
+        # random_init_seed: set for random weights only (rebuilt from it, e.g. by unclip.load); the sha256 alone
+        # decides whether two CLIPs are the same
         return {"model": self.model_name, "sha256": self._sha256, "dim": self.embed_dim,
-                "pretrained": str(self.pretrained) if self.pretrained else None}
+                "pretrained": str(self.pretrained) if self.pretrained else None, "random_init_seed": self.random_init_seed}
 
     def to(self, device) -> "FrozenCLIP":
         self.model.to(device)

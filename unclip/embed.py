@@ -129,7 +129,7 @@ def embed(cfg: DictConfig) -> dict:
         if not train:
             raise ValueError(f"no train shards embedded in {cache_dir}; stats (mean/std, PCA) are fit on train only")
         stats = compute_stats(cache_dir, train)
-        np.savez(cache_dir / cache_lib.STATS_FILE, **stats)
+        cache_lib.write_stats(cache_dir, stats)
         meta["baseline_cos"] = float(stats["baseline_cos"])
         meta["stats_version"] = STATS_VERSION
     meta["embedded"] = sum(meta["counts"].values())

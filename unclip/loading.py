@@ -9,12 +9,60 @@ passed in) and refused when its weights differ.
 from __future__ import annotations
 
 import inspect
+import re
 from pathlib import Path
 
 import torch
 
 import unclip.modules  # noqa: F401  (registers the built-in stage kinds)
 from unclip import registry
+
+
+class CheckpointError(ValueError):
+    """A file that is not a readable unclip checkpoint: truncated, another format, or no checkpoint at all.
+    ``reason``: what failed, in a few words (torch's error, first sentence)."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason
+
+
+def torch_reason(text: str) -> str:
+    """torch's error in a few words: the weights-only unpickler's own finding (``Unsupported operand 110``,
+    ``Unsupported global: GLOBAL x.Y``) rather than its advice to load with ``weights_only=False``; else
+    the first sentence."""
+    found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    line = found.group(1) if found else text.strip().splitlines()[0]
+    return line.split(". ")[0].strip()[:160]
+
+
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """``torch.load`` (weights only, on the CPU) that names the file when it cannot be read: torch's own
+    errors for a cut or foreign file (``failed finding central directory``, ``pop from empty list``, a bare
+    ``EOFError``, a weights-only unpickling advice) do not say which file or what to do. ``mmap``: map the
+    tensors instead of reading them (a cheap check that the file reads); a file that cannot be mapped is
+    read in full instead."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exn:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError, IndexError...
+        if mmap:  # not a zip archive (a legacy torch file, or garbage): torch's reason comes from a plain read
+            return read_checkpoint(path)
+        reason = f"torch.load raised {type(exn).__name__}" + (f": {torch_reason(str(exn))}" if str(exn).strip() else "")
+        raise CheckpointError(f"{path} is not a readable unclip checkpoint (truncated, another format, or not a checkpoint): "
+                              f"{reason}; retrain or recopy it, or point at another checkpoint", reason) from exn
+
+
+def read_stage(path: str | Path) -> dict:
+    """A stage checkpoint's contents; a readable torch file without a stage's ``state_dict`` and
+    ``hyper_parameters`` (e.g. a published CLIP's plain state dict) is named as such."""
+    checkpoint = read_checkpoint(path)
+    if not isinstance(checkpoint, dict) or not {"state_dict", "hyper_parameters"} <= set(checkpoint):
+        held = (f"keys {', '.join(repr(k) for k in list(checkpoint)[:6])}{', ...' if len(checkpoint) > 6 else ''}"
+                if isinstance(checkpoint, dict) else f"a {type(checkpoint).__name__}")
+        raise CheckpointError(f"{path} is a torch file but not an unclip stage checkpoint: it holds {held}, not a "
+                              f"state_dict with hyper_parameters (a published CLIP .pt is given as clip.pretrained=, "
+                              f"not loaded as a stage)")
+    return checkpoint
 
 
 def pick_device(name: str | torch.device = "auto") -> torch.device:
@@ -60,7 +108,8 @@ def clip_from_identity(identity: dict, device="cpu", search: tuple[Path, ...] = 
     if pretrained and Path(pretrained).suffix and not Path(pretrained).exists():
         moved = [p for p in (folder / Path(pretrained).name for folder in search) if p.exists()]
         pretrained = str(moved[0]) if moved else pretrained  # else FrozenCLIP names the missing file
-    clip = FrozenCLIP(identity["model"], pretrained, device=device)
+    # random weights are rebuilt from their seed (older checkpoints name none: the default seed, checked below)
+    clip = FrozenCLIP(identity["model"], pretrained, device=device, init_seed=identity.get("random_init_seed") or 0)
     check_clip(clip, identity)
     return clip
 
@@ -77,7 +126,7 @@ def check_clip(clip, identity: dict) -> None:
 def load(spec: str | Path, clip=None, device: str | torch.device = "cpu", artifacts: str | Path = "outputs/artifacts"):
     """The stage's LightningModule in eval mode with its EMA weights (``kind`` picks the class)."""
     path = resolve(spec, artifacts)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_stage(path)
     hparams = checkpoint.get("hyper_parameters") or {}
     if hparams.get("kind") not in registry.loadable_kinds():
         registry.stage_class(hparams.get("kind"), checkpoint.get("stage_class"))  # imports a stage defined elsewhere

@@ -141,7 +141,8 @@ class UnCLIPPipeline:
                     shutil.copyfile(source.with_suffix(suffix), directory / source.with_suffix(suffix).name)
             manifest["clip"] = {"pretrained": source.name}
         else:  # an open_clip name + pretrained tag: named, not copied
-            manifest["clip"] = {"model_name": self.clip.model_name, "pretrained": pretrained}
+            manifest["clip"] = {"model_name": self.clip.model_name, "pretrained": pretrained,
+                                "init_seed": self.clip.random_init_seed}
         manifest["clip"]["identity"] = self.clip.identity()
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
         return directory
@@ -156,7 +157,7 @@ class UnCLIPPipeline:
         manifest = json.loads((directory / MANIFEST).read_text())
         spec = manifest["clip"]
         if spec.get("model_name"):
-            clip = FrozenCLIP(spec["model_name"], spec.get("pretrained"))
+            clip = FrozenCLIP(spec["model_name"], spec.get("pretrained"), init_seed=spec.get("init_seed") or 0)
         else:
             clip = FrozenCLIP(pretrained=str(directory / spec["pretrained"]))
         return cls.from_checkpoints(decoder=directory / manifest["decoder"],

@@ -14,9 +14,12 @@ import lightning.pytorch as pl
 import torch
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from unclip import registry
+from unclip.checkpoints import AtomicCheckpointIO, checkpoint_step, clear_partial_writes, resume_checkpoint
+from unclip.loading import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +70,11 @@ class RunCheckpoint(ModelCheckpoint):
     """``last.ckpt`` every N steps and also at the end of each train epoch, which is where a run stopped by
     ``max_steps`` ends too. Lightning's ModelCheckpoint writes it at the end only when nothing was saved
     during the run, and then from ``on_train_end``: after the epoch was counted as complete (a resume would
-    skip the rest of it) and after the EMA callback has put the averaged weights into the net."""
+    skip the rest of it) and after the EMA callback has put the averaged weights into the net. No version
+    counter: a run that resumed past an unreadable ``last.ckpt`` overwrites it instead of writing ``last-v1``."""
+
+    def __init__(self, **kwargs):
+        super().__init__(enable_version_counter=False, **kwargs)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
@@ -107,9 +114,11 @@ def build_trainer(cfg: DictConfig, directory: Path, callbacks: list | None = Non
     callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), *stage_callbacks, *(callbacks or [])]
     if os.environ.get(ThreadShare.ENV):
         callbacks.append(ThreadShare(os.environ[ThreadShare.ENV]))
+    # checkpoints written atomically (temp file, fsync, rename): a kill mid-write never leaves a cut-short last.ckpt
+    plugins = [*(trainer_cfg.pop("plugins", None) or []), AtomicCheckpointIO()]
     return instantiate(trainer_cfg, accelerator=cfg.strategy.accelerator, devices=cfg.strategy.devices,
                        num_nodes=cfg.strategy.num_nodes, strategy=build_strategy(cfg), logger=build_logger(cfg, directory),
-                       callbacks=callbacks, default_root_dir=str(directory), _convert_="all")
+                       callbacks=callbacks, plugins=plugins, default_root_dir=str(directory), _convert_="all")
 
 
 def build_datamodule(cfg: DictConfig):
@@ -145,12 +154,21 @@ def artifact_path(cfg: DictConfig) -> Path:
 
 
 def resume_path(cfg: DictConfig, directory: Path) -> str | None:
+    """``ckpt_path`` (which must read), else the run dir's ``last.ckpt``, or the newest readable checkpoint
+    beside it when it does not read (see :func:`unclip.checkpoints.resume_checkpoint`)."""
     if cfg.get("ckpt_path"):
         if not Path(cfg.ckpt_path).exists():
             raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist")
+        try:
+            if Path(cfg.ckpt_path).is_file():  # (a sharded checkpoint is a folder, read by Lightning)
+                checkpoint_step(Path(cfg.ckpt_path))
+        except CheckpointError as error:
+            raise CheckpointError(f"ckpt_path={cfg.ckpt_path} is not a readable unclip checkpoint (truncated, another "
+                                  f"format, or not a checkpoint): {error.reason}; point ckpt_path at another checkpoint, "
+                                  f"or leave it unset to resume from the run dir", error.reason) from error
         return str(cfg.ckpt_path)
-    last = directory / "checkpoints" / "last.ckpt"
-    return str(last) if last.exists() else None
+    found = resume_checkpoint(directory / "checkpoints", warn=rank_zero_only.rank == 0)
+    return str(found) if found else None
 
 
 CONFIG_FILE = "config.yaml"  # the resolved config of the run, in its directory
@@ -158,6 +176,12 @@ CONFIG_FILE = "config.yaml"  # the resolved config of the run, in its directory
 # live (the same list Hydra leaves out of the run's folder name). Anything else makes it another run.
 RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.max_epochs", "trainer.enable_progress_bar", "logger", "launcher",
                      "hydra", "paths", "ckpt_path", "publish", "data.num_workers", "data.pin_memory", "model.compile")
+
+
+# Keys added after runs were stored, with the value that reproduces how those runs behaved: a stored config
+# without one resumes as if it had that value. (train.py built a random-weight CLIP right after seeding with
+# ``seed``, 0 by default: the same weights as init_seed 0; a CLIP that differs is refused by the cache's identity check.)
+ADDED_KEYS = {"clip.init_seed": 0}
 
 
 def flatten(tree, prefix: str = "") -> dict:
@@ -174,6 +198,7 @@ def config_differences(stored: dict, current: dict) -> list[str]:
     """``key: old -> new`` for every key that differs outside :data:`RESUMABLE_CHANGES`."""
     absent = "<absent>"
     old, new = flatten(stored), flatten(current)
+    old.update({key: value for key, value in ADDED_KEYS.items() if key not in old and key in new})
     return [f"{key}: {old.get(key, absent)!r} -> {new.get(key, absent)!r}" for key in sorted(set(old) | set(new))
             if old.get(key, absent) != new.get(key, absent)
             and not any(key == allowed or key.startswith(allowed + ".") for allowed in RESUMABLE_CHANGES)]
@@ -182,8 +207,6 @@ def config_differences(stored: dict, current: dict) -> list[str]:
 def check_and_store_config(cfg: DictConfig, directory: Path) -> None:
     """On resume from the run dir's ``last.ckpt``, refuses a config that differs from the stored one outside
     run length, logging and launching, naming the keys; then (rank 0) stores the resolved config."""
-    from lightning.pytorch.utilities import rank_zero_only
-
     current = OmegaConf.to_container(cfg, resolve=True)
     path = directory / CONFIG_FILE
     if not cfg.get("ckpt_path") and path.exists() and (directory / "checkpoints" / "last.ckpt").exists():
@@ -213,6 +236,8 @@ def fit(cfg: DictConfig) -> dict:
     directory = run_dir(cfg)
     directory.mkdir(parents=True, exist_ok=True)
     check_and_store_config(cfg, directory)
+    if rank_zero_only.rank == 0:
+        clear_partial_writes(directory / "checkpoints")
     pl.seed_everything(int(cfg.seed), workers=True)
     torch.set_float32_matmul_precision("high")
     clip = instantiate(cfg.clip, _convert_="all") if cfg.model.get("needs_clip") else None

@@ -190,6 +190,16 @@ def check_identity(meta: dict, identity: dict, cache_dir) -> None:
             f"dim {identity.get('dim')}); rerun `python embed.py` with this clip=, or set clip= to the cache's CLIP")
 
 
+def write_stats(cache_dir: str | Path, stats: dict[str, np.ndarray]) -> None:
+    """Writes ``stats.npz`` atomically: a rerun decides from its presence whether to fit the stats again, so a
+    kill mid-write must not leave a cut-short one under its name."""
+    path = Path(cache_dir) / STATS_FILE
+    tmp = path.with_name(STATS_FILE + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **stats)
+    os.replace(tmp, path)
+
+
 def load_stats(cache_dir: str | Path) -> dict[str, np.ndarray]:
     path = Path(cache_dir) / STATS_FILE
     if not path.exists():

@@ -69,7 +69,7 @@ def ingest(src: str | Path, cache_dir: str | Path, model: str, chunk_size: int =
         meta["counts"][name], meta["splits"][name] = len(keys), "train"
         index.update({key: [name, row] for row, key in enumerate(keys)})
     (cache_dir / cache_lib.INDEX_FILE).write_text(json.dumps(index))
-    np.savez(cache_dir / cache_lib.STATS_FILE, **compute_stats(cache_dir, sorted(meta["counts"])))
+    cache_lib.write_stats(cache_dir, compute_stats(cache_dir, sorted(meta["counts"])))
     meta["embedded"] = sum(meta["counts"].values())
     cache_lib.write_meta(cache_dir, meta)
     return meta

@@ -20,7 +20,6 @@ MODES = ("prior", "compare", "images", "leaderboard", "steps")
 def run(cfg: DictConfig):
     if cfg.mode not in MODES:
         raise ValueError(f"unknown evaluate mode {cfg.mode!r}; choose among {', '.join(MODES)}")
-    torch.manual_seed(int(cfg.seed))  # as train.py does before building the CLIP (random-weight CLIPs match too)
     clip = instantiate(cfg.clip, _convert_="all")  # the run's CLIP; load() refuses a prior trained with another
     if cfg.mode in ("prior", "compare"):
         from unclip.eval.compare import run_compare
