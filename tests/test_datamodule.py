@@ -192,3 +192,61 @@ def test_embedding_of_wrong_size_is_skipped(shapes_dir, tmp_path):
     dm2 = CaptionImageDataModule(train=str(path), fields=["img_emb"], cache_dir=str(cache), batch_size=4)
     dm2.setup()
     assert list(dm2.train_dataloader()) == []  # every chunk has the wrong dim: skipped, not crashed
+
+
+def damaged_shards(shapes_dir, tmp_path):
+    """The four train shards with 4 corrupt samples each (2 unreadable images, 2 blank captions, just before
+    each shard's last sample, after its last full batch) and the last shard truncated in its last sample."""
+    out = tmp_path / "damaged"
+    out.mkdir()
+    good = []
+    for j, shard in enumerate(sorted(shapes_dir.glob("train-*.tar"))):
+        samples = list(wds.WebDataset(str(shard), shardshuffle=False))
+        path = out / shard.name
+        with wds.TarWriter(str(path)) as sink:
+            for i, sample in enumerate(samples):
+                sample = {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
+                if i in (len(samples) - 2, len(samples) - 4):
+                    sample["png"] = b"not a png"
+                elif i in (len(samples) - 3, len(samples) - 5):
+                    sample["txt"] = b"  "
+                else:
+                    good.append(sample["__key__"])
+                sink.write(sample)
+        if j == 3:
+            data = path.read_bytes()
+            path.write_bytes(data[: len(data) - 12000])  # past the end padding: into the last members
+    return out, good
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skip_counts_are_exact_with_workers_and_a_truncated_tar_counts_once(shapes_dir, tmp_path, workers):
+    folder, good = damaged_shards(shapes_dir, tmp_path)
+    dm = CaptionImageDataModule(train=str(folder / "train-*.tar"), fields=["image", "caption"], batch_size=4,
+                                image_size=16, shuffle=False, num_workers=workers)
+    dm.setup()
+    batches = list(dm.train_dataloader())  # training: drop_last, so skips after a worker's last batch...
+    skipped = Counter()
+    for b in batches:
+        skipped.update(b["skipped"])
+    # ...still reach the trainer, and the sample the truncation cut short is not counted a second time
+    # under the member it lost (no missing_caption / missing_image beside bad_tar_member)
+    cut = set(good) - {k for b in batches for k in b["key"]}
+    assert dict(skipped) == {"corrupt_image": 8, "empty_caption": 8, "bad_tar_member": 1}
+    keys = [k for b in batches for k in b["key"]]
+    assert len(keys) == len(set(keys)) and set(keys) <= set(good) and cut  # each sample at most once; a tail dropped
+
+
+def test_embed_counts_a_truncated_tar_once_and_logs_the_rows_it_wrote(shapes_dir, embed_cfg, tmp_path, caplog):
+    from omegaconf import OmegaConf
+
+    from unclip.embed import embed
+
+    folder, good = damaged_shards(shapes_dir, tmp_path)
+    cfg = OmegaConf.merge(embed_cfg, {"data": {"train": str(folder / "train-*.tar"), "cache_dir": str(tmp_path / "cache")},
+                                      "splits": ["train"]})
+    with caplog.at_level("INFO", logger="unclip.embed"):
+        meta = embed(cfg)
+    assert meta["skipped"]["train-00003.tar"] == {"corrupt_image": 2, "empty_caption": 2, "bad_tar_member": 1}
+    assert meta["skipped_total"] == 17 and meta["embedded"] == len(good) - 1  # the truncation took one good sample
+    assert f"embedded {meta['embedded']} samples" in caplog.text  # the rows written, not the shards' listed sizes

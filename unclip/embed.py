@@ -17,7 +17,6 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
@@ -25,7 +24,7 @@ from tqdm import tqdm
 
 from unclip.data import cache as cache_lib
 from unclip.loading import pick_device
-from unclip.data.decoding import SkipCounter, SkipSample, decode_source_sample, image_member
+from unclip.data.decoding import SkipCounter, SkipSample, decode_source_sample, image_member, tar_samples
 from unclip.data.shards import resolve_shards, shard_name, shard_sizes
 from unclip.data.stats import STATS_VERSION, compute_stats
 
@@ -64,7 +63,7 @@ class ShardEmbedder:
                 progress.update(len(keys))
             keys.clear(), captions.clear(), images.clear()
 
-        for sample in wds.tariterators.tarfile_samples([{"url": url}], handler=skips.handler("bad_tar_member")):
+        for sample, cut_short in tar_samples(url, skips):
             try:
                 decoded = decode_source_sample(sample, {"caption"}, None, None, None, None)
                 ext = image_member(sample)
@@ -75,7 +74,8 @@ class ShardEmbedder:
                 except Exception as exn:  # noqa: BLE001 - PIL raises many types for corrupt files
                     raise SkipSample("corrupt_image", f"{sample['__key__']}: {exn!r}") from exn
             except SkipSample as skip:
-                skips.skip(skip.reason, str(skip))
+                if not cut_short:  # a sample the tar's read error cut short is counted with that error
+                    skips.skip(skip.reason, str(skip))
                 continue
             keys.append(decoded["key"])
             captions.append(decoded["caption"])

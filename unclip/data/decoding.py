@@ -7,9 +7,11 @@ import io
 import json
 import logging
 from collections import Counter
+from typing import Iterator
 
 import numpy as np
 import torch
+import webdataset as wds
 from PIL import Image
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,22 @@ class SkipCounter:
         delta, self.pending = dict(self.pending), Counter()
         return delta
 
+
+
+def tar_samples(url: str, skips: SkipCounter) -> Iterator[tuple[dict, bool]]:
+    """(sample, cut_short) for each sample of a source tar. A tar that cannot be read to its end (truncated,
+    damaged) counts once, as ``bad_tar_member``; the samples that come after the read error are the one it
+    cut short, flagged so that its missing members are not counted a second time."""
+    broken: list[Exception] = []
+
+    def on_error(exn: Exception) -> bool:
+        if not broken:
+            skips.skip("bad_tar_member", f"{url}: {exn!r}")
+        broken.append(exn)
+        return True
+
+    for sample in wds.tariterators.tarfile_samples([{"url": url}], handler=on_error):
+        yield sample, bool(broken)
 
 
 def decode_rgb(data: bytes, size: int | None) -> torch.Tensor:

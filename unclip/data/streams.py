@@ -20,13 +20,27 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from unclip.data import cache as cache_lib
-from unclip.data.decoding import EMBEDDING_FIELDS, SkipCounter, SkipSample, collate, decode_source_sample
+from unclip.data.decoding import EMBEDDING_FIELDS, SkipCounter, SkipSample, collate, decode_source_sample, tar_samples
 from unclip.data.shards import shard_name
 from unclip.seeding import hash_seed, worker_seed
+
+
+def with_final_skips(batches: Iterator[dict], skips: SkipCounter) -> Iterator[dict]:
+    """Yields each batch one step late, so that what is skipped after a worker's last batch (trailing bad
+    samples, a truncated tar's tail, rows that no batch takes) still reaches the trainer, counted in that
+    last batch's ``skipped``: otherwise a worker's final skips vanish with it."""
+    held = None
+    for batch in batches:
+        if held is not None:
+            yield held
+        held = batch
+    if held is not None:
+        for reason, count in skips.take().items():
+            held["skipped"][reason] = held["skipped"].get(reason, 0) + count
+        yield held
 
 
 def worker_slice(items: Sequence, rank: int, world: int) -> list:
@@ -48,6 +62,14 @@ class ShardStream(IterableDataset):
         self.shuffle, self.drop_last, self.sizes = shuffle, drop_last, sizes
         self.batches_per_epoch = batches_per_epoch
         self.epoch, self.rank, self.world = 0, 0, 1
+
+    def batches(self, skips: SkipCounter) -> Iterator[dict]:
+        """This worker's batches for the epoch, each with the skips counted since the previous one."""
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[dict]:
+        skips = SkipCounter()
+        return with_final_skips(self.batches(skips), skips)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -108,8 +130,7 @@ class EmbeddingBatches(ShardStream):
         self.want_text = "caption" in fields
         self.dims, self.shuffle_chunks, self.dtype = dims, max(1, shuffle_chunks), dtype
 
-    def __iter__(self):
-        skips = SkipCounter()
+    def batches(self, skips: SkipCounter) -> Iterator[dict]:
         rng = np.random.default_rng(worker_seed(self.seed, self.epoch, self.rank, "rows"))
         limit = self.worker_batch_limit()
         emitted = 0
@@ -200,8 +221,7 @@ class SampleBatches(ShardStream):
             embeddings = self._embeddings(url, skips)
             if embeddings is not None and not len(embeddings):
                 continue
-            tar_samples = wds.tariterators.tarfile_samples([{"url": url}], handler=skips.handler("bad_tar_member"))
-            for row, sample in enumerate(tar_samples):
+            for row, (sample, cut_short) in enumerate(tar_samples(url, skips)):
                 if not self.keep_row(row):
                     continue
                 try:
@@ -209,10 +229,10 @@ class SampleBatches(ShardStream):
                 except SkipSample as skip:
                     if skip.reason == "missing_embedding" and self.on_missing_embedding == "error":
                         raise KeyError(str(skip)) from None
-                    skips.skip(skip.reason, str(skip))
+                    if not cut_short:  # a sample the tar's read error cut short is counted with that error
+                        skips.skip(skip.reason, str(skip))
 
-    def __iter__(self):
-        skips = SkipCounter()
+    def batches(self, skips: SkipCounter) -> Iterator[dict]:
         rng = random.Random(worker_seed(self.seed, self.epoch, self.rank, "samples"))
         limit = self.worker_batch_limit()
         stream = self.samples(skips)
