@@ -59,14 +59,19 @@ def load_npy(data) -> np.ndarray:
 def write_cache_shard(path: Path, rows: dict[str, np.ndarray], keys: list[str], captions: list[str], chunk_size: int) -> None:
     """Writes one cache shard atomically: to ``path.tmp`` first, renamed when complete (kill -9 safe)."""
     tmp = path.with_name(path.name + ".tmp")
-    with wds.TarWriter(str(tmp)) as sink:
-        for chunk, start in enumerate(range(0, len(keys), chunk_size)):
-            stop = start + chunk_size
-            member = {"__key__": f"chunk{chunk:06d}", "keys.json": json.dumps(keys[start:stop]).encode(),
-                      "captions.json": json.dumps(captions[start:stop]).encode()}
-            for field, array in rows.items():
-                member[EMBEDDING_MEMBERS[field]] = npy_bytes(np.ascontiguousarray(array[start:stop], dtype=np.float16))
-            sink.write(member)
+    try:
+        with wds.TarWriter(str(tmp)) as sink:
+            for chunk, start in enumerate(range(0, len(keys), chunk_size)):
+                stop = start + chunk_size
+                member = {"__key__": f"chunk{chunk:06d}", "keys.json": json.dumps(keys[start:stop]).encode(),
+                          "captions.json": json.dumps(captions[start:stop]).encode()}
+                for field, array in rows.items():
+                    member[EMBEDDING_MEMBERS[field]] = npy_bytes(np.ascontiguousarray(array[start:stop], dtype=np.float16))
+                sink.write(member)
+    except OSError as error:  # a full disk, a lost mount: nothing half-written is left under a shard's name
+        tmp.unlink(missing_ok=True)
+        raise OSError(error.errno, f"writing cache shard {path} failed ({error.strerror or error}); shards finished "
+                                   f"before it are kept: free space and rerun to continue") from error
     os.replace(tmp, path)
 
 

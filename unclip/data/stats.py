@@ -29,6 +29,8 @@ def compute_stats(cache_dir: Path, shards: list[str]) -> dict[str, np.ndarray]:
     img, txt = [], []
     for name in shards:
         table = cache_lib.read_cache_shard(str(cache_dir / name), ("img_emb", "txt_emb"))
+        if not len(table["keys"]):  # an empty source shard: nothing to fit, and its arrays have no width
+            continue
         img.append(table["img_emb"].astype(np.float64))
         txt.append(table["txt_emb"].astype(np.float64))
     z_img, z_txt = np.concatenate(img), np.concatenate(txt)
