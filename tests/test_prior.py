@@ -230,3 +230,28 @@ def test_a_block_computing_only_its_last_positions_matches_the_full_block():
     assert last.shape == (3, 2, 32)
     torch.testing.assert_close(last, full[:, -2:], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(k_last, k_full)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_attention_on_cpu_equals_the_fused_kernel_in_values_and_gradients(dtype, monkeypatch):
+    import torch.nn.functional as F
+
+    from unclip.nets.layers import attention, causal_mask
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 7, 8, dtype=dtype, requires_grad=True) for _ in range(3))
+    mask = causal_mask(torch.tensor([[True] * 7, [True] * 4 + [False] * 3, [False] * 2 + [True] * 5]), 7)
+    fused = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    fused_grads = torch.autograd.grad(fused.float().square().sum(), (q, k, v))
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    plain = attention(q, k, v, mask)
+    plain_grads = torch.autograd.grad(plain.float().square().sum(), (q, k, v))
+    assert not calls  # with gradients on a CPU: the two-matmul path
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(plain.float(), fused.float(), atol=tol)
+    assert all(torch.allclose(a.float(), b.float(), atol=tol * 4) for a, b in zip(plain_grads, fused_grads))
+    with torch.no_grad():
+        attention(q, k, v, mask)
+    assert calls  # sampling keeps the fused kernel
