@@ -52,6 +52,13 @@ def test_user_errors_exit_2_and_bugs_propagate(monkeypatch, capsys):
     for bug in (RuntimeError("shape mismatch"), TypeError("x"), AssertionError("y")):
         with pytest.raises(type(bug)):
             raising(bug)()
+    from hydra.errors import InstantiationException
+
+    wrapped = InstantiationException("Error in call to target 'unclip.clip.FrozenCLIP'")
+    wrapped.__cause__ = FileNotFoundError("CLIP weights /x/shapes.pt not found")
+    with pytest.raises(SystemExit):  # what hydra.utils.instantiate raised for a missing file: the file is named
+        raising(wrapped)()
+    assert capsys.readouterr().err == "error: CLIP weights /x/shapes.pt not found\n"
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
     with pytest.raises(UserError):
         raising(UserError("n=-1"))()

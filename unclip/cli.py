@@ -43,13 +43,24 @@ def user_errors(fn: Callable[..., T]) -> Callable[..., T]:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except USER_ERRORS as exn:
-            if full_error():
+        except Exception as exn:  # noqa: BLE001 - re-raised unless it is a user error
+            cause = user_error(exn)
+            if cause is None or full_error():
                 raise
-            print(f"error: {message(exn)}", file=sys.stderr)
+            print(f"error: {message(cause)}", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
 
     return wrapper
+
+
+def user_error(exn: BaseException) -> BaseException | None:
+    """The user error in ``exn``: itself, or what ``hydra.utils.instantiate`` wrapped (a missing CLIP
+    weights file comes as an ``InstantiationException`` whose cause is the ``FileNotFoundError``)."""
+    from hydra.errors import InstantiationException
+
+    while isinstance(exn, InstantiationException) and exn.__cause__ is not None:
+        exn = exn.__cause__
+    return exn if isinstance(exn, USER_ERRORS) else None
 
 
 def message(exn: BaseException) -> str:
