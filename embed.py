@@ -7,10 +7,12 @@
 import hydra
 from omegaconf import DictConfig
 
+from unclip.cli import user_errors
 from unclip.embed import embed
 
 
 @hydra.main(config_path="conf", config_name="embed", version_base="1.3")
+@user_errors
 def main(cfg: DictConfig) -> None:
     meta = embed(cfg)
     print(f"cache {cfg.data.cache_dir}: {meta['embedded']} samples, {meta['skipped_total']} skipped, dim {meta['dim']}")

@@ -11,10 +11,12 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from unclip.cli import user_errors
 from unclip.eval.run import mode_word_as_override, run
 
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
+@user_errors
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

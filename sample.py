@@ -9,10 +9,12 @@
 import hydra
 from omegaconf import DictConfig
 
+from unclip.cli import user_errors
 from unclip.sampling import sample
 
 
 @hydra.main(config_path="conf", config_name="sample", version_base="1.3")
+@user_errors
 def main(cfg: DictConfig) -> None:
     sample(cfg)
 

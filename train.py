@@ -8,10 +8,12 @@
 import hydra
 from omegaconf import DictConfig
 
+from unclip.cli import user_errors
 from unclip.training import fit
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
+@user_errors
 def main(cfg: DictConfig) -> float | None:
     metrics = fit(cfg)
     return metrics.get("val/loss")

@@ -8,10 +8,12 @@ from generated images (``unclip.eval.attributes``).
 import hydra
 from omegaconf import DictConfig
 
+from unclip.cli import user_errors
 from unclip.eval.attributes.training import run
 
 
 @hydra.main(config_path="conf", config_name="attributes", version_base="1.3")
+@user_errors
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

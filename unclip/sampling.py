@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from unclip.pipeline import UnCLIPOutput, UnCLIPPipeline
+from unclip.cli import UserError
+from unclip.loading import resolve
+from unclip.pipeline import MANIFEST, UnCLIPOutput, UnCLIPPipeline
 
 log = logging.getLogger(__name__)
 MODES = ("generate", "vary", "interpolate", "text_diff")
@@ -25,18 +28,68 @@ def build_pipeline(cfg: DictConfig) -> UnCLIPPipeline:
 
 
 def check(cfg: DictConfig) -> None:
+    """Every argument and every stage path, before anything is loaded: a bad ``n`` or a missing prior is
+    named as such, not as whatever the first load trips over. All problems go in one ``UserError``."""
+    problems = argument_problems(cfg) + path_problems(cfg)
+    if len(problems) == 1:
+        raise UserError(problems[0])
+    if problems:
+        raise UserError(f"{len(problems)} problems with the arguments:\n  " + "\n  ".join(problems))
+
+
+def is_count(value, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def argument_problems(cfg: DictConfig) -> list[str]:
+    problems = []
     if cfg.mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
-    if cfg.mode == "generate" and not cfg.prompts:
-        raise ValueError("mode=generate needs prompts='[\"a red circle\", ...]'")
+        problems.append(f"mode={cfg.mode}: must be one of {', '.join(MODES)}")
+    if cfg.mode in ("generate", "vary") and not is_count(cfg.n, 1):
+        problems.append(f"n={cfg.n}: samples per prompt must be an integer >= 1")
+    if cfg.mode in ("interpolate", "text_diff") and not is_count(cfg.k, 2):
+        problems.append(f"k={cfg.k}: mode={cfg.mode} needs an integer k >= 2 (images along the path, both ends included)")
+    if cfg.mode == "generate":
+        if not OmegaConf.is_list(cfg.prompts):
+            problems.append(f"prompts={cfg.prompts}: must be a list: prompts='[\"a red circle\", ...]'")
+        elif not cfg.prompts:
+            problems.append("prompts=[]: mode=generate needs at least one prompt: prompts='[\"a red circle\", ...]'")
+        bad = [p for p in (cfg.prompts if OmegaConf.is_list(cfg.prompts) else []) if not isinstance(p, str) or not p.strip()]
+        if bad:
+            problems.append(f"prompts: {', '.join(repr(p) for p in bad)} {'is' if len(bad) == 1 else 'are'} not "
+                            f"a non-empty string; quote each prompt: prompts='[\"a red circle\", ...]'")
+    for key in ("prior_guidance", "decoder_guidance"):
+        value = cfg[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+            problems.append(f"{key}={value}: a guidance scale must be a finite number (or null: the stage's default)")
+    for key in ("prior_steps", "decoder_steps", "upsampler_steps"):
+        if cfg[key] is not None and not is_count(cfg[key], 1):
+            problems.append(f"{key}={cfg[key]}: sampling steps must be an integer >= 1 (or null: the stage's default)")
     needed = IMAGES_NEEDED.get(cfg.mode, 0)
     if len(cfg.images) != needed and needed:
-        raise ValueError(f"mode={cfg.mode} needs {needed} image(s) in images=[...], got {len(cfg.images)}")
-    for path in cfg.images:
-        if not Path(path).exists():
-            raise FileNotFoundError(f"image {path} does not exist")
+        problems.append(f"images: mode={cfg.mode} needs {needed} image(s) in images=[...], got {len(cfg.images)}")
+    problems += [f"images: {path} does not exist" for path in cfg.images if not Path(path).exists()]
     if cfg.mode == "text_diff" and not (cfg.caption_from and cfg.caption_to):
-        raise ValueError("mode=text_diff needs caption_from=... and caption_to=...")
+        problems.append("mode=text_diff needs caption_from=... and caption_to=...")
+    return problems
+
+
+def path_problems(cfg: DictConfig) -> list[str]:
+    """Each stage resolved as ``build_pipeline`` will load it (``unclip.loading.resolve``), its failure
+    named by its argument."""
+    if cfg.pipeline:
+        if not (Path(cfg.pipeline) / MANIFEST).exists():
+            return [f"pipeline={cfg.pipeline}: holds no {MANIFEST}; write one with UnCLIPPipeline.save_pretrained"]
+        return []
+    stages = [("decoder", cfg.decoder)] + ([("prior", cfg.prior)] if cfg.mode == "generate" else [])
+    stages += [(f"upsamplers[{i}]", spec) for i, spec in enumerate(cfg.upsamplers)]
+    problems = []
+    for name, spec in stages:
+        try:
+            resolve(spec, cfg.paths.artifacts)
+        except FileNotFoundError as exn:
+            problems.append(f"{name}={spec}: {exn}")
+    return problems
 
 
 def run_mode(pipe: UnCLIPPipeline, cfg: DictConfig) -> tuple[UnCLIPOutput, int, list[str]]:
