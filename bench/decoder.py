@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from bench.roofline import conv_gflops, roofline_row
 from bench.timing import comparison_rows, ours_steps_per_s, peer_steps_per_s, train_steps_per_s
 from unclip.modules.decoder import DecoderModule
 
@@ -37,6 +38,11 @@ def peer(cfg: dict, steps: int = 3, repeats: int = 2) -> dict | None:
 def rows(cfg: dict = CONFIG, threads: int = 2) -> list[tuple[str, str, str]]:
     cfg = {**cfg, "threads": threads}
     label = f"{cfg['size']} px, batch {cfg['batch']}, width {cfg['dim']}, mults {cfg['mults']}"
-    return comparison_rows("decoder train step", "dalle2-pytorch Unet + Decoder", label,
-                           ours_steps_per_s("decoder", cfg), peer(cfg),
-                           ours_steps_per_s("decoder", {**cfg, "precision": "bf16-mixed"}))
+    fp32, bf16 = ours_steps_per_s("decoder", cfg), ours_steps_per_s("decoder", {**cfg, "precision": "bf16-mixed"})
+    rates = {"fp32": conv_gflops(torch.float32), "bf16": conv_gflops(torch.bfloat16)}
+    what = f"decoder train step ({label})"
+    return comparison_rows("decoder train step", "dalle2-pytorch Unet + Decoder", label, fp32, peer(cfg), bf16) + [
+        roofline_row(what, fp32["gflop_per_step"], rates["fp32"], fp32["steps_per_s"], "fp32", "fp32 3x3 conv"),
+        roofline_row(what, bf16["gflop_per_step"], rates["bf16"], bf16["steps_per_s"], "bf16", "bf16 3x3 conv"),
+        ("conv 3x3, 128 channels, 32 px, batch 8, fp32", f"{rates['fp32']:,.1f} GFLOP/s", "channels_last, warmed up, best of 5"),
+        ("conv 3x3, 128 channels, 32 px, batch 8, bf16", f"{rates['bf16']:,.1f} GFLOP/s", f"{rates['bf16'] / rates['fp32']:.2f}x fp32")]

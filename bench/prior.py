@@ -7,10 +7,9 @@ AdamW) with cached token states, so conditioning, normalisation and the diffusio
 
 from __future__ import annotations
 
-import time
-
 import torch
 
+from bench.roofline import matmul_gflops, roofline_row
 from bench.timing import comparison_rows, ours_steps_per_s, peer_steps_per_s, train_steps_per_s
 from unclip.modules.diffusion_prior import DiffusionPriorModule
 
@@ -42,30 +41,23 @@ def peer(cfg: dict, steps: int = 3, repeats: int = 2) -> dict | None:
 
 
 def rows(threads: int = 2) -> list[tuple[str, str, str]]:
-    return compare({**PAPER_LIKE, "threads": threads}) + compare({**SHORT_CAPTIONS, "threads": threads})
+    rates = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
+    return (compare({**PAPER_LIKE, "threads": threads}, rates) + compare({**SHORT_CAPTIONS, "threads": threads}, rates)
+            + precision_rows(rates))
 
 
-def compare(cfg: dict) -> list[tuple[str, str, str]]:
+def compare(cfg: dict, rates: dict) -> list[tuple[str, str, str]]:
     label = f"dim {cfg['dim']}, depth {cfg['depth']}, batch {cfg['batch']}, {cfg['tokens']} tokens"
     if cfg.get("lengths"):
         label += f" of which {cfg['lengths'][0]}-{cfg['lengths'][1]} real"
-    return comparison_rows("diffusion prior train step", "dalle2-pytorch DiffusionPrior", label,
-                           ours_steps_per_s("prior", cfg), peer(cfg),
-                           ours_steps_per_s("prior", {**cfg, "precision": "bf16-mixed"}))
+    fp32, bf16 = ours_steps_per_s("prior", cfg), ours_steps_per_s("prior", {**cfg, "precision": "bf16-mixed"})
+    what = f"diffusion prior train step ({label})"
+    return comparison_rows("diffusion prior train step", "dalle2-pytorch DiffusionPrior", label, fp32, peer(cfg), bf16) + [
+        roofline_row(what, fp32["gflop_per_step"], rates["fp32"], fp32["steps_per_s"], "fp32", "fp32 matmul"),
+        roofline_row(what, bf16["gflop_per_step"], rates["bf16"], bf16["steps_per_s"], "bf16", "bf16 matmul")]
 
 
-def matmul_gflops(dtype: torch.dtype, m: int = 2048, k: int = 512, n: int = 2048, repeats: int = 3) -> float:
-    """GFLOP/s of one transformer-sized matmul: whether bf16 can pay off on this CPU at all."""
-    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * m * k * n * repeats / (time.perf_counter() - start) / 1e9
-
-
-def precision_rows() -> list[tuple[str, str, str]]:
-    fp32, bf16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16, repeats=1)
-    return [("matmul 2048x512x2048, fp32", f"{fp32:,.1f} GFLOP/s", ""),
-            ("matmul 2048x512x2048, bf16", f"{bf16:,.1f} GFLOP/s",
-             f"{bf16 / fp32:.2f}x fp32 (bf16-mixed pays only on CPUs with AVX512-BF16/AMX)")]
+def precision_rows(rates: dict) -> list[tuple[str, str, str]]:
+    return [("matmul 5184x512x2048 (the prior's MLP), fp32", f"{rates['fp32']:,.1f} GFLOP/s", "warmed up, best of 5"),
+            ("matmul 5184x512x2048 (the prior's MLP), bf16", f"{rates['bf16']:,.1f} GFLOP/s",
+             f"{rates['bf16'] / rates['fp32']:.2f}x fp32 (bf16-mixed pays only on CPUs with AVX512-BF16/AMX)")]

@@ -130,7 +130,7 @@ def main() -> None:
     if args.only in (None, "prior"):
         from bench import prior
 
-        rows += prior.rows(args.threads) + prior.precision_rows()
+        rows += prior.rows(args.threads)
     if args.only in (None, "decoder"):
         from bench import decoder
 

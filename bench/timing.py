@@ -38,7 +38,18 @@ def train_steps_per_s(module, batch: dict, steps: int = 3, repeats: int = 2, pre
             loss.backward()
             optimizer.step()
         rates.append(steps / (time.perf_counter() - start))
-    return {"steps_per_s": max(rates), "params": sum(p.numel() for p in module.net.parameters())}
+
+    def one_step():
+        with autocast(precision):
+            loss = module.loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    from bench.roofline import step_gflop
+
+    return {"steps_per_s": max(rates), "params": sum(p.numel() for p in module.net.parameters()),
+            "gflop_per_step": step_gflop(one_step)}
 
 
 def last_json_line(command: list[str], cwd: Path | None = None) -> dict:

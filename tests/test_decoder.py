@@ -154,3 +154,23 @@ def test_decoder_trains_from_image_shards_and_logs_grids(shapes_dir, embed_cfg, 
     assert {"val/decoder/clip_sim", "val/decoder/clip_sim_real", "val/decoder/clip_sim_unseen", "val/loss"} <= keys
     published = torch.load(root / "artifacts" / "decoder" / "shapes.ckpt", map_location="cpu", weights_only=True)
     assert published["hyper_parameters"]["kind"] == "decoder" and published["hyper_parameters"]["net"]["image_size"] == 16
+
+
+def test_a_channels_last_unet_computes_what_the_plain_one_does_and_keeps_its_weights():
+    config = {**tiny_unet_config(embed_dim=16), "text_width": 8}
+    torch.manual_seed(0)
+    plain = UNet(config)
+    for p in plain.parameters():  # zero-initialised output layers would hide any difference
+        nn.init.normal_(p, std=0.05)
+    fast = UNet({**config, "channels_last": True})
+    fast.load_state_dict(plain.state_dict())
+    assert fast.input.weight.is_contiguous(memory_format=torch.channels_last)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+    z, tokens, mask = torch.randn(2, 16), torch.randn(2, 5, 8), torch.tensor([[1, 1, 1, 0, 0], [1] * 5]).bool()
+    out_plain, out_fast = plain(x, t, z, tokens, mask), fast(x, t, z, tokens, mask)
+    assert torch.allclose(out_plain, out_fast, atol=1e-5)
+    out_plain.square().sum().backward()
+    out_fast.square().sum().backward()
+    pairs = [(a.grad, b.grad) for a, b in zip(plain.parameters(), fast.parameters()) if a.grad is not None or b.grad is not None]
+    assert pairs and all(a is not None and b is not None and torch.allclose(a, b, atol=1e-4) for a, b in pairs)
+    assert {k: v.shape for k, v in fast.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}

@@ -193,11 +193,11 @@ def test_the_decoder_sampler_switches_to_ddpm_and_back(stages, tiny_clip):
     from unclip.loading import load
 
     decoder = load(stages["decoder"], clip=tiny_clip)
-    with generation.decoder_sampler(decoder, "ddpm") as sampler:
+    with generation.stage_sampler(decoder, "ddpm") as sampler:
         assert decoder.sampler.kind == sampler.kind == "ddpm" and sampler.steps == 3
     assert decoder.sampler.kind == "ddim"
     with pytest.raises(ValueError, match="sampler.kind"):
-        with generation.decoder_sampler(decoder, "euler"):
+        with generation.stage_sampler(decoder, "euler"):
             pass
     with pytest.raises(ValueError, match="unknown decoder setting"):
         generation.check_decoder_settings({"step": 4})
@@ -264,3 +264,15 @@ def test_log_wandb_writes_an_offline_run(tmp_path, monkeypatch, env_offline):
     mode = wandb_logging.log_wandb(cfg, "diffusion_prior", rows, image_row, grid)
     assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
     assert mode == (None if env_offline else "offline")  # the next prior goes straight to offline
+
+
+def test_steps_mode_sweeps_each_sampler_the_fast_ones_on_trailing_steps(shapes_dir, cache_dir, stages, tmp_path):
+    cfg = compose_evaluate(tiny_overrides(shapes_dir, cache_dir, stages, tmp_path) + [
+        "mode=steps", f"prior={stages['diffusion']}", "prior_steps=[2]", "decoder_steps=[2]", "decoder_ddpm=false",
+        "suite_limit=2", "samplers=[ddim,dpmpp_2m]"])
+    rows = run(cfg)
+    assert [(r["sweep"], r["sampler"], r["steps"]) for r in rows] == [
+        ("prior", "ddim", 2), ("prior", "dpmpp_2m", 2), ("decoder", "ddim", 2), ("decoder", "dpmpp_2m", 2)]
+    for row, key in ((rows[1], "prior_settings"), (rows[3], "decoder_settings")):
+        assert {"sampler=dpmpp_2m", "steps=trailing2"} <= set(row[key].split())
+    assert rows[0]["attr_acc"] == rows[0]["attr_acc"] and (tmp_path / "steps.png").stat().st_size > 1000

@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from contextlib import contextmanager
 from typing import Sequence
 
 import torch
@@ -38,12 +38,15 @@ def sample_embeddings(pipe: UnCLIPPipeline, prompts: Sequence[str], seed: int, s
     """ẑ_i (N, D), unit norm, one per prompt, batch b drawn from a generator seeded by (seed, "prior", b);
     and the seconds spent in the prior's sampling (text encoding excluded, as in ``evaluate_prior``)."""
     out, elapsed = [], 0.0
-    for index, rows in batches(len(prompts), batch_size):
-        cond = pipe.text_embeddings(list(prompts[rows]))
-        generator = seeded(seed, "prior", index, device=pipe.device)
-        start = time.perf_counter()
-        out.append(F.normalize(pipe.prior.sample(cond, generator, **settings).float(), dim=-1))
-        elapsed += time.perf_counter() - start
+    settings = dict(settings)
+    kind = settings.pop("sampler", None)  # a diffusion prior's loop: ddim | ddpm | dpmpp_2m | unipc
+    with stage_sampler(pipe.prior, kind) if kind else contextlib.nullcontext():
+        for index, rows in batches(len(prompts), batch_size):
+            cond = pipe.text_embeddings(list(prompts[rows]))
+            generator = seeded(seed, "prior", index, device=pipe.device)
+            start = time.perf_counter()
+            out.append(F.normalize(pipe.prior.sample(cond, generator, **settings).float(), dim=-1))
+            elapsed += time.perf_counter() - start
     return torch.cat(out), elapsed
 
 
@@ -54,18 +57,18 @@ def check_decoder_settings(settings: dict) -> dict:
     return settings
 
 
-@contextmanager
-def decoder_sampler(decoder, kind: str | None):
-    """The decoder's sampler switched to another loop for the duration: ``ddpm`` is ancestral sampling
+@contextlib.contextmanager
+def stage_sampler(stage, kind: str | None):
+    """A stage's (decoder's, diffusion prior's) sampler switched to another loop for the duration: ``ddpm`` is ancestral sampling
     (Ho et al. 2020, Alg. 2) over the (respaced) chain, ``ddim`` is Song et al. 2021, eq. 12, ``dpmpp_2m``
     and ``unipc`` the second-order multistep ODE solvers (``unclip.diffusion.samplers``)."""
-    original = decoder.sampler
+    original = stage.sampler
     if kind is not None and kind != original.kind:
-        decoder.sampler = dataclasses.replace(original, kind=kind)  # validates the kind, fresh respacing cache
+        stage.sampler = dataclasses.replace(original, kind=kind)  # validates the kind, fresh respacing cache
     try:
-        yield decoder.sampler
+        yield stage.sampler
     finally:
-        decoder.sampler = original
+        stage.sampler = original
 
 
 @torch.no_grad()
@@ -75,7 +78,7 @@ def decode_embeddings(pipe: UnCLIPPipeline, z_img: torch.Tensor, prompts: Sequen
     batch b from a generator seeded by (seed, "decoder", b); and the seconds spent decoding."""
     settings = check_decoder_settings(dict(settings))
     out, elapsed = [], 0.0
-    with decoder_sampler(pipe.decoder, settings.get("sampler")):
+    with stage_sampler(pipe.decoder, settings.get("sampler")):
         for index, rows in batches(len(z_img), batch_size):
             generator = seeded(seed, "decoder", index, device=pipe.device)
             start = time.perf_counter()

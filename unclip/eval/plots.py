@@ -133,9 +133,10 @@ def plot_quality_vs_steps(rows: list[dict], path: Path) -> None:
     decoder's DDIM steps, and DDPM on the full chain as its own marker; latency annotated at each point."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    series = [("prior", "ddim", "prior DDIM steps (decoder fixed)", "o-"),
-              ("decoder", "ddim", "decoder DDIM steps (prior fixed)", "s-"),
-              ("decoder", "ddpm", "decoder DDPM, full chain", "D")]
+    styles = {"prior": "o-", "decoder": "s-"}
+    series = [(sweep, sampler, f"{sweep} {sampler} steps ({'decoder' if sweep == 'prior' else 'prior'} fixed)", styles[sweep])
+              for sweep, sampler in dict.fromkeys((r["sweep"], r["sampler"]) for r in rows) if sampler != "ddpm"]
+    series += [("decoder", "ddpm", "decoder DDPM, full chain", "D")]
     for ax, metric in zip(axes, ("attr_acc", "clip_score")):
         for sweep, sampler, name, style in series:
             points = sorted((r for r in rows if r["sweep"] == sweep and r["sampler"] == sampler), key=lambda r: r["steps"])

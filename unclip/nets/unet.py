@@ -42,6 +42,7 @@ class UNetConfig:
     aug_level_embed: bool = False             # upsamplers: embed the low-res noise-augmentation level, added to t's
     middle_attention: bool = True             # attention in the middle block (false: convolutions only)
     groups: int = 32
+    channels_last: bool = False               # NHWC activations and weights: oneDNN's fast convolutions in bf16
 
 
 def norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -176,6 +177,8 @@ class UNet(nn.Module):
                     resolution *= 2
         out_channels = c.out_channels * (2 if c.learn_sigma else 1)
         self.out = nn.Sequential(norm(cur, c.groups), nn.SiLU(), zero(nn.Conv2d(cur, out_channels * area, 3, padding=1)))
+        if c.channels_last:
+            self.to(memory_format=torch.channels_last)
 
     def hparams(self) -> dict:
         return asdict(self.config)
@@ -215,7 +218,8 @@ class UNet(nn.Module):
                              f"{x.shape[2]}, {x.shape[3]}) (the low-res image upsampled to x's size), got {got}")
         emb, context, valid = self.conditioning(t, z_img, tokens, mask, drop_image, drop_text, aug_level)
         h = torch.cat([x, lowres], dim=1) if self.config.lowres_channels else x
-        h = self.input(F.pixel_unshuffle(h, self.config.patch_size) if self.config.patch_size > 1 else h)
+        h = F.pixel_unshuffle(h, self.config.patch_size) if self.config.patch_size > 1 else h
+        h = self.input(h.contiguous(memory_format=torch.channels_last) if self.config.channels_last else h)
         hs = [h]
         for layer in self.down:
             h = layer(h, emb, context, valid) if isinstance(layer, Stage) else layer(h)

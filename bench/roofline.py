@@ -1,0 +1,52 @@
+"""What the hardware allows a training step: its FLOPs (matmuls, convolutions and attention, forward and
+backward, counted by torch's FlopCounterMode on the real step) over the machine's own measured rate for
+the step's dominant operation, in the same run. A step at 100 % of its roofline spends all its time in
+that operation at that rate; the rest (norms, activations, casts, the optimiser) is what it loses."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def step_gflop(step) -> float:
+    """GFLOP of one call of ``step()`` (forward + backward + optimiser, whatever it runs)."""
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops() / 1e9
+
+
+def best_rate(fn, flop: float, repeats: int = 5, warmup: int = 3) -> float:
+    """GFLOP/s of ``fn`` at its best of ``repeats`` after ``warmup`` calls (oneDNN picks and JITs its AMX /
+    AVX-512 kernels on the first calls: an unwarmed bf16 matmul reads several times slower than it runs)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return flop / min(times) / 1e9
+
+
+def matmul_gflops(dtype: torch.dtype, m: int = 5184, k: int = 512, n: int = 2048) -> float:
+    """A transformer prior's MLP matmul (batch 64 x 81 positions, width 512 -> 2048)."""
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    return best_rate(lambda: a @ b, 2 * m * k * n)
+
+
+def conv_gflops(dtype: torch.dtype, batch: int = 8, channels: int = 128, size: int = 32) -> float:
+    """A UNet's 3x3 convolution (batch 8, 128 channels, 32 px), in channels_last as oneDNN prefers."""
+    x = torch.randn(batch, channels, size, size, dtype=dtype).to(memory_format=torch.channels_last)
+    conv = torch.nn.Conv2d(channels, channels, 3, padding=1).to(dtype).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        return best_rate(lambda: conv(x), 2 * batch * channels * channels * 9 * size * size)
+
+
+def roofline_row(what: str, gflop: float, rate: float, measured: float, precision: str, op: str) -> tuple[str, str, str]:
+    limit = rate / gflop  # steps/s if every FLOP ran at the measured rate
+    return (f"{what} roofline ({precision})", f"{limit:.3f} steps/s",
+            f"{gflop:,.0f} GFLOP per step at {rate:,.0f} GFLOP/s ({op}); ours {measured:.3f} steps/s = "
+            f"**{100 * measured / limit:.0f} %** of it")
