@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from unclip.convert import ConversionError, convert
 from unclip.diffusion import classifier_free_guidance, ddpm_step
 from unclip.loading import check_clip, load
+from test_leaderboard import stages  # noqa: F401  (a fixture: tiny stages of every prior kind and a decoder)
 
 diffusers = pytest.importorskip("diffusers")
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,3 +224,59 @@ def test_the_command_line_converts_and_names_what_is_missing(published, tmp_path
     run = subprocess.run([sys.executable, "-m", "unclip.convert", "kind=karlo", f"src={tmp_path / 'nowhere'}", f"out={out}.2"],
                          capture_output=True, text=True, cwd=ROOT)
     assert run.returncode != 0 and "is not a folder" in run.stderr and not Path(f"{out}.2").exists()
+
+
+# ------------------------------------------------------------------------------- fine-tuning, ranking
+def train_cli(*args):
+    env = {**__import__("os").environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, timeout=600,
+                          env=env, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_a_converted_prior_fine_tunes_resumes_and_joins_compare(published, shapes_dir, cache_dir, stages, tmp_path):  # noqa: F811
+    from test_leaderboard import compose_evaluate, tiny_overrides
+    from test_train_cli import common
+    from unclip.eval.run import run
+
+    args = [*common(shapes_dir, tmp_path), "model=published_prior", f"init_from={published['stage']}", "clip=unclip_tiny",
+            f"data.cache_dir={cache_dir}", "trainer.limit_val_batches=1", "model.module.val_pool=8", "run.name=karlo"]
+    first = train_cli(*args, "trainer.max_steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    folder = tmp_path / "runs" / "shapes" / "published_prior" / "karlo"
+    assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    second = train_cli(*args, "trainer.max_steps=4")  # resumes the run dir (init_from is not applied over it)
+    assert second.returncode == 0, second.stderr[-3000:]
+    log = (folder / "train.log").read_text()
+    assert log.count("initialised published_prior from") == 1 and log.count("resuming from") == 1
+    assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    tuned = tmp_path / "artifacts" / "published_prior" / "shapes.ckpt"
+    module = load(tuned)
+    before = torch.load(published["stage"], weights_only=True)["state_dict"]
+    after = module.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("net.prior.transformer_blocks"))
+    assert torch.equal(before["img_std"], after["img_std"])  # the published stats survive the cache's setup
+    assert module.hparams["source"] == "karlo" and module.sampler.steps == "linspace25"
+
+    out = tmp_path / "compare"
+    rows = run(compose_evaluate(tiny_overrides(shapes_dir, cache_dir, stages, out)
+                                + ["mode=compare", f"priors=[{stages['diffusion']},{published['stage']}]"]))
+    ours = [r for r in rows if r["prior"] == "published_prior"]
+    assert [r["settings"] for r in ours] == ["steps=linspace25 guidance_scale=4.0", "steps=linspace25 guidance_scale=1.0"]
+    assert all(r["cos_true"] == r["cos_true"] for r in ours)  # computed, not NaN
+
+
+def test_init_from_refuses_another_kind_and_weights_that_do_not_fit(published, stages, tiny_clip):  # noqa: F811
+    from test_prior import DIFFUSION, SAMPLER, TINY_NET
+    from unclip.modules.diffusion_prior import DiffusionPriorModule
+    from unclip.training import init_weights
+
+    native = DiffusionPriorModule(TINY_NET, DIFFUSION, SAMPLER, clip=tiny_clip)
+    with pytest.raises(ValueError, match="is a 'published_prior' stage but this run trains 'diffusion_prior'"):
+        init_weights(native, published["stage"])
+    wider = DiffusionPriorModule({**TINY_NET, "dim": 64}, DIFFUSION, SAMPLER, clip=tiny_clip)
+    with pytest.raises(ValueError, match=r"does not fit this run's diffusion_prior: missing none; unexpected none; "
+                                         r"shapes \(stage vs run\) net\.blocks"):
+        init_weights(wider, stages["diffusion"])
+    init_weights(native, stages["diffusion"])  # a native stage of the same net loads
+    assert torch.equal(native.state_dict()["net.query"], torch.load(stages["diffusion"], weights_only=True)["state_dict"]["net.query"])
