@@ -280,3 +280,15 @@ def test_init_from_refuses_another_kind_and_weights_that_do_not_fit(published, s
         init_weights(wider, stages["diffusion"])
     init_weights(native, stages["diffusion"])  # a native stage of the same net loads
     assert torch.equal(native.state_dict()["net.query"], torch.load(stages["diffusion"], weights_only=True)["state_dict"]["net.query"])
+
+
+def test_a_converted_prior_drives_the_pipeline(published, stages, tiny_clip, tmp_path):  # noqa: F811
+    from unclip.pipeline import UnCLIPPipeline
+
+    pipe = UnCLIPPipeline.from_checkpoints(decoder=stages["decoder"], prior=published["stage"], clip=tiny_clip)
+    out = pipe.generate(["a red circle"], n=2, seed=0, prior_steps="linspace4", decoder_steps=2, negative_prompt="a square")
+    assert out.pixels.shape[:2] == (2, 3) and torch.isfinite(out.pixels).all() and len(out.images) == 2
+    again = UnCLIPPipeline.from_pretrained(pipe.save_pretrained(tmp_path / "pipe"))
+    assert again.prior.kind == "published_prior"
+    assert torch.allclose(again.generate(["a red circle"], n=2, seed=0, prior_steps="linspace4", decoder_steps=2,
+                                         negative_prompt="a square").pixels, out.pixels, atol=1e-5)
