@@ -114,13 +114,33 @@ def clip_from_identity(identity: dict, device="cpu", search: tuple[Path, ...] = 
     return clip
 
 
+def same_pretrained(a: str | None, b: str | None) -> bool:
+    """Two pretrained tags (``openai``) or weight files name the same weights: equal tags, or files of the
+    same name (a moved file keeps its name)."""
+    a, b = (str(x) if x else None for x in (a, b))
+    if a is None or b is None:
+        return a == b
+    return a == b or (bool(Path(a).suffix) and Path(a).name == Path(b).name)
+
+
 def check_clip(clip, identity: dict) -> None:
+    """Refuses a CLIP other than the stage's. The weights are the identity when the stage knows their
+    sha256 (the same weights under another config name, a published CLIP named after its file, are the same
+    CLIP); a stage converted from published weights knows only the model name and pretrained tag
+    (``ViT-L-14`` / ``openai``), which must then both match."""
+    if not identity:
+        return
     mine = clip.identity()
-    # the weights are the identity: the same weights under another config name (a published CLIP is named
-    # after its file) are the same CLIP
-    if identity and identity.get("sha256") and mine["sha256"] != identity["sha256"]:
-        raise ValueError(f"this stage was trained with CLIP {identity['model']} (weights {identity['sha256'][:12]}), "
-                         f"not {mine['model']} (weights {mine['sha256'][:12]}); use the CLIP it was trained with")
+    if identity.get("sha256"):
+        if mine["sha256"] != identity["sha256"]:
+            raise ValueError(f"this stage was trained with CLIP {identity['model']} (weights {identity['sha256'][:12]}), "
+                             f"not {mine['model']} (weights {mine['sha256'][:12]}); use the CLIP it was trained with")
+        return
+    if identity.get("model") and (mine["model"] != identity["model"]
+                                  or not same_pretrained(mine.get("pretrained"), identity.get("pretrained"))):
+        raise ValueError(f"this stage expects CLIP {identity['model']} with pretrained={identity.get('pretrained')!r}, "
+                         f"not {mine['model']} with pretrained={mine.get('pretrained')!r}; use the CLIP it was made for "
+                         f"(clip.model_name={identity['model']} clip.pretrained={identity.get('pretrained')})")
 
 
 def load(spec: str | Path, clip=None, device: str | torch.device = "cpu", artifacts: str | Path = "outputs/artifacts"):

@@ -35,6 +35,47 @@ def run_name(name: str | None, override_dirname: str) -> str:
 OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 
 
+def stage_hparam(spec: str | None, key: str):
+    """``${stage_hparam:${init_from},net}``: a hyperparameter of the stage a run starts from, so a model config
+    (``model=published_prior``) takes a converted stage's architecture, process and sampler as they are."""
+    from unclip.loading import read_stage, resolve
+
+    if not spec:
+        raise ValueError(f"this model config takes its {key} from the stage it fine-tunes: pass init_from=PATH (a stage "
+                         f"written by `python -m unclip.convert` or by training)")
+    return read_stage(resolve(spec)).get("hyper_parameters", {}).get(key)
+
+
+OmegaConf.register_new_resolver("stage_hparam", stage_hparam, replace=True, use_cache=True)
+
+
+def init_weights(module, spec: str | Path, artifacts: str | Path = "outputs/artifacts") -> None:
+    """Starts ``module`` from a stage's weights (``init_from=``): a converted published stage or one trained
+    here. Refuses another kind, another CLIP, and weights that do not fit the module, naming the keys."""
+    from unclip.loading import check_clip, read_stage, resolve
+
+    path = resolve(spec, artifacts)
+    checkpoint = read_stage(path)
+    hparams = checkpoint.get("hyper_parameters") or {}
+    if hparams.get("kind") != module.kind:
+        raise ValueError(f"init_from={spec} is a {hparams.get('kind')!r} stage but this run trains {module.kind!r}; "
+                         f"pick the matching model= (model=published_prior for a converted published prior)")
+    if getattr(module, "clip", None) is not None:
+        check_clip(module.clip, hparams.get("clip"))
+    state, mine = checkpoint["state_dict"], module.state_dict()
+    missing, unexpected = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
+    shapes = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(mine[k].shape)}" for k in set(mine) & set(state)
+                    if tuple(state[k].shape) != tuple(mine[k].shape))
+    if missing or unexpected or shapes:
+        def few(items):
+            return ", ".join(items[:6]) + (f", ... ({len(items)} in all)" if len(items) > 6 else "") if items else "none"
+        raise ValueError(f"init_from={spec} does not fit this run's {module.kind}: missing {few(missing)}; unexpected "
+                         f"{few(unexpected)}; shapes (stage vs run) {few(shapes)}. Make model.module.net match the stage's "
+                         f"net ({sorted(hparams.get('net') or {})})")
+    module.load_state_dict(state)
+    log.info("initialised %s from %s", module.kind, path)
+
+
 def run_dir(cfg: DictConfig) -> Path:
     """Hydra's output dir when running under Hydra, else the same layout from ``paths``."""
     from hydra.core.hydra_config import HydraConfig
@@ -132,7 +173,8 @@ def build_module(cfg: DictConfig, clip=None):
     # extra kwargs are passed after instantiation: Hydra would otherwise instantiate the optimiser config inside
     module = instantiate(cfg.model.module, _partial_=True, _convert_="all")(**extra)
     if cfg.model.get("eval"):  # the stage's evaluation settings travel in its checkpoint (unclip.eval.settings)
-        module.hparams["eval"] = OmegaConf.to_container(cfg.model.eval, resolve=True)
+        block = cfg.model.eval  # (a plain dict when a resolver gave it: ${stage_hparam:...})
+        module.hparams["eval"] = OmegaConf.to_container(block, resolve=True) if OmegaConf.is_config(block) else dict(block)
     if cfg.model.get("compile"):
         if not isinstance(getattr(module, "net", None), torch.nn.Module):
             raise ValueError(f"model.compile=true compiles the module's net, but {type(module).__name__} has no .net")
@@ -245,6 +287,8 @@ def fit(cfg: DictConfig) -> dict:
     module = build_module(cfg, clip)
     trainer = build_trainer(cfg, directory)
     ckpt = resume_path(cfg, directory)
+    if cfg.get("init_from") and not ckpt:  # a resumed run has its own weights
+        init_weights(module, cfg.init_from, cfg.paths.artifacts)
     if ckpt:
         log.info("resuming from %s", ckpt)
         # Lightning warns about any mid-epoch resume of a loader it cannot restore itself; the DataModule's

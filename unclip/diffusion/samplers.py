@@ -239,7 +239,8 @@ class Sampler:
     steps: int | str = 64                    # see space_timesteps: 64, "ddim50", "trailing20", "27,5,5"
     eta: float = 0.0                         # DDIM only: 0 deterministic, 1 ancestral-like (the solvers: unused)
     guidance_scale: float = 1.0              # classifier-free guidance; 1 = conditional model only
-    clip_denoised: bool = False              # clamp x0 to [-1, 1] (pixels)
+    clip_denoised: bool = False              # clamp x0 to [-clip_range, clip_range] (pixels: 1)
+    clip_range: float = 1.0                  # published priors clamp their normalised x0 wider (karlo: 5)
     dynamic_threshold: float | None = None   # Imagen's percentile (e.g. 0.995), pixels
     progress: bool = False
 
@@ -251,7 +252,9 @@ class Sampler:
     def denoise_fn(self) -> DenoiseFn | None:
         if self.dynamic_threshold:
             return dynamic_threshold(self.dynamic_threshold)
-        return clip_x0 if self.clip_denoised else None
+        if not self.clip_denoised:
+            return None
+        return clip_x0 if self.clip_range == 1.0 else (lambda x0: x0.clamp(-self.clip_range, self.clip_range))
 
     def process(self, diffusion: GaussianDiffusion, steps: int | str | None = None) -> GaussianDiffusion:
         spec = self.steps if steps is None else steps

@@ -43,7 +43,8 @@ def space_timesteps(num_timesteps: int, spec: int | str | list[int]) -> list[int
     ``64`` or ``"64"``: 64 steps spread evenly; ``"ddim50"``: a constant stride that starts at 0 (DDIM's
     choice); ``"trailing20"``: strides of T/20 down from T-1 (Lin et al. 2023, Table 2, "trailing"; the
     timesteps of diffusers' ``timestep_spacing="trailing"``, which the fast solvers are tested against);
-    ``"27,5,5"``: the schedule cut into equal sections with 27, 5 and 5 steps each; a list: those steps exactly.
+    ``"linspace25"``: 25 steps from 0 to T-1, both ends included, rounded (diffusers' ``UnCLIPScheduler``,
+    karlo's and Kandinsky's prior spacing); ``"27,5,5"``: the schedule cut into equal sections with 27, 5 and 5 steps each; a list: those steps exactly.
     """
     if isinstance(spec, (list, tuple)):
         steps = sorted({int(s) for s in spec})
@@ -65,6 +66,13 @@ def space_timesteps(num_timesteps: int, spec: int | str | list[int]) -> list[int
         if count < 1 or len(set(steps.tolist())) != count:
             raise ValueError(f"cannot take {count} trailing steps from {num_timesteps}; use 1 to {num_timesteps}")
         return sorted(steps.tolist())
+    if spec.startswith("linspace"):
+        count = int(spec[len("linspace"):])
+        # UnCLIPScheduler.set_timesteps: (arange(count) * (T - 1) / (count - 1)).round()
+        steps = (np.arange(0, count) * ((num_timesteps - 1) / max(count - 1, 1))).round().astype(np.int64)
+        if count < 2 or len(set(steps.tolist())) != count:
+            raise ValueError(f"cannot take {count} linspace steps from {num_timesteps}; use 2 to {num_timesteps}")
+        return steps.tolist()
     counts = [int(c) for c in spec.split(",")]
     size, extra = divmod(num_timesteps, len(counts))
     steps, start = [], 0

@@ -11,20 +11,21 @@ import torch.nn.functional as F
 
 from unclip.diffusion import GaussianDiffusion, Sampler, classifier_free_guidance
 from unclip.modules.prior import PriorModule, with_text_width
-from unclip.nets.prior_transformer import PriorTransformer, cat_prefix, repeat_prefix
+from unclip.nets.prior_transformer import PriorTransformer
 
 
 class DiffusionPriorModule(PriorModule):
     kind = "diffusion_prior"
     aliases = ("diffusion",)
     colormap = "Blues"
+    net_class = PriorTransformer  # the denoiser; a subclass may bring another (forward, encode_prefix, denoise, *_prefix)
 
     def __init__(self, net: dict, diffusion: dict, sampler: dict, cond_drop_prob: float = 0.1, best_of: int = 2,
                  clip=None, use_token_states: bool = True, val_pool: int = 1000, optim: dict | None = None, seed: int = 0):
         net = with_text_width(net, clip, use_token_states)
         super().__init__(net["embed_dim"], clip=clip, use_token_states=use_token_states, val_pool=val_pool,
                          optim=optim, seed=seed)
-        self.net = PriorTransformer(net)
+        self.net = self.net_class(net)
         self.diffusion = GaussianDiffusion.from_config(**diffusion)
         self.sampler = Sampler(**sampler)
         self.cond_drop_prob, self.best_of = cond_drop_prob, best_of
@@ -53,6 +54,7 @@ class DiffusionPriorModule(PriorModule):
         scale = self.sampler.guidance_scale if guidance_scale is None else guidance_scale
         n = self.best_of if best_of is None else best_of
         b = len(cond["z_txt"])
+        repeat_prefix, cat_prefix = self.net.repeat_prefix, self.net.cat_prefix
         prefix = repeat_prefix(self.net.encode_prefix(cond["z_txt"], cond["tokens"], cond["mask"]), n)
         if scale != 1.0:
             if negative is None:

@@ -55,6 +55,7 @@ class PriorModule(UnclipModule):
     """Subclasses implement ``loss(batch) -> scalar`` and ``sample(cond, generator) -> z_i (B, D)``."""
 
     is_prior = True  # what evaluation, the pipeline and the demo ask of a stage kind (unclip.registry.is_prior)
+    keeps_stats = False  # True: the normalisation buffers are the stage's own (a published prior's), not the cache's
 
     def __init__(self, embed_dim: int, clip=None, use_token_states: bool = True, val_pool: int = 1000,
                  optim: dict | None = None, seed: int = 0):
@@ -82,7 +83,7 @@ class PriorModule(UnclipModule):
         if "linear_weight" not in stats:
             raise ValueError(f"stats of cache {datamodule.cache_dir} predate the linear baseline; rerun "
                              f"`python embed.py` (finished shards are kept, only the stats are recomputed)")
-        for name in ("img_mean", "img_std", "txt_mean", "txt_std"):
+        for name in ("img_mean", "img_std", "txt_mean", "txt_std") if not self.keeps_stats else ():
             getattr(self, name).copy_(torch.as_tensor(stats[name]))
         self.linear_baseline = (torch.as_tensor(stats["linear_weight"]), torch.as_tensor(stats["linear_bias"]))
 

@@ -129,3 +129,8 @@ def cat_prefix(a: PrefixCache, b: PrefixCache) -> PrefixCache:
     """Batch-concatenation of two prefixes (conditional, then unconditional: classifier-free guidance)."""
     return PrefixCache([(torch.cat([ka, kb]), torch.cat([va, vb])) for (ka, va), (kb, vb) in zip(a.kv, b.kv)],
                        torch.cat([a.key_valid, b.key_valid]))
+
+
+# the module reaches these through its net, so a net of another layout brings its own
+PriorTransformer.repeat_prefix = staticmethod(repeat_prefix)
+PriorTransformer.cat_prefix = staticmethod(cat_prefix)
