@@ -24,7 +24,8 @@ def ours(cfg: dict, steps: int = 3, repeats: int = 2, precision: str = "32-true"
     size = cfg["size"]
     attention = [size >> level for level in range(1, len(cfg["mults"]))]
     net = {"image_size": size, "channels": cfg["dim"], "channel_mult": cfg["mults"], "num_res_blocks": 2,
-           "attention_resolutions": attention, "head_channels": 32, "embed_dim": cfg["embed_dim"]}
+           "attention_resolutions": attention, "head_channels": 32, "embed_dim": cfg["embed_dim"],
+           "channels_last": cfg.get("channels_last", False)}
     module = DecoderModule(net, {"schedule": "cosine", "prediction": "eps"}, {"steps": 50}, clip=NoCLIP())
     batch = {"image": torch.rand(cfg["batch"], 3, size, size) * 2 - 1, "img_emb": torch.randn(cfg["batch"], cfg["embed_dim"]),
              "caption": [""] * cfg["batch"]}

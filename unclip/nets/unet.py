@@ -91,8 +91,9 @@ class AttentionBlock(nn.Module):
         if context is not None and self.context_kv is not None:
             ck, cv = self.context_kv(context).view(b, -1, 2, heads, d).permute(2, 0, 3, 1, 4)
             k, v = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
-            pixels = torch.ones(b, hgt * wid, dtype=torch.bool, device=x.device)
-            mask = torch.cat([context_valid, pixels], dim=1)[:, None, None, :]  # (B, 1, 1, Lc + HW)
+            if not bool(context_valid.all()):  # an all-visible mask is no mask: the fused kernel then runs unmasked
+                pixels = torch.ones(b, hgt * wid, dtype=torch.bool, device=x.device)
+                mask = torch.cat([context_valid, pixels], dim=1)[:, None, None, :]  # (B, 1, 1, Lc + HW)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, HW, d)
         return x + self.proj(y.transpose(2, 3).reshape(b, c, hgt * wid)).view(b, c, hgt, wid)
 
