@@ -18,7 +18,7 @@ def step_gflop(step) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def best_rate(fn, flop: float, repeats: int = 5, warmup: int = 3) -> float:
+def best_rate(fn, flop: float, repeats: int = 10, warmup: int = 5) -> float:
     """GFLOP/s of ``fn`` at its best of ``repeats`` after ``warmup`` calls (oneDNN picks and JITs its AMX /
     AVX-512 kernels on the first calls: an unwarmed bf16 matmul reads several times slower than it runs)."""
     for _ in range(warmup):
