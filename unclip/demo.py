@@ -203,7 +203,7 @@ def trained_priors(plan: list[Stage]) -> list[str]:
     import unclip.modules  # noqa: F401  (registers the built-in stage kinds)
     from unclip import registry
 
-    return [s.name for s in plan if registry.canonical(s.name) in registry.prior_kinds()]
+    return [s.name for s in plan if registry.is_prior(s.name)]
 
 # Each prompt names what the attribute classifier checks in the samples.
 PROMPTS = [

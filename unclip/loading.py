@@ -148,11 +148,9 @@ def load(spec: str | Path, clip=None, device: str | torch.device = "cpu", artifa
     path = resolve(spec, artifacts)
     checkpoint = read_stage(path)
     hparams = checkpoint.get("hyper_parameters") or {}
-    if hparams.get("kind") not in registry.loadable_kinds():
-        registry.stage_class(hparams.get("kind"), checkpoint.get("stage_class"))  # imports a stage defined elsewhere
-    if hparams.get("kind") not in registry.loadable_kinds():
+    cls = registry.stage_class(hparams.get("kind"), checkpoint.get("stage_class"))  # imports a stage defined elsewhere
+    if not getattr(cls, "loadable", True):
         raise ValueError(f"{path} is a {hparams.get('kind')!r} checkpoint; unclip.load opens {', '.join(registry.loadable_kinds())}")
-    cls = registry.stage_class(hparams["kind"])
     needs_clip = hparams.get("kind") == "decoder" or hparams.get("use_token_states", False)
     if needs_clip:
         # a published stage's CLIP is published beside it (ARTIFACTS/clip/NAME.pt)

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from unclip import registry
 from unclip.checkpoints import AtomicCheckpointIO, checkpoint_step, clear_partial_writes, resume_checkpoint
-from unclip.loading import CheckpointError
+from unclip.loading import CheckpointError, check_clip, read_stage, resolve
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,6 @@ OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 def stage_hparam(spec: str | None, key: str):
     """``${stage_hparam:${init_from},net}``: a hyperparameter of the stage a run starts from, so a model config
     (``model=published_prior``) takes a converted stage's architecture, process and sampler as they are."""
-    from unclip.loading import read_stage, resolve
-
     if not spec:
         raise ValueError(f"this model config takes its {key} from the stage it fine-tunes: pass init_from=PATH (a stage "
                          f"written by `python -m unclip.convert` or by training)")
@@ -52,8 +50,6 @@ OmegaConf.register_new_resolver("stage_hparam", stage_hparam, replace=True, use_
 def init_weights(module, spec: str | Path, artifacts: str | Path = "outputs/artifacts") -> None:
     """Starts ``module`` from a stage's weights (``init_from=``): a converted published stage or one trained
     here. Refuses another kind, another CLIP, and weights that do not fit the module, naming the keys."""
-    from unclip.loading import check_clip, read_stage, resolve
-
     path = resolve(spec, artifacts)
     checkpoint = read_stage(path)
     hparams = checkpoint.get("hyper_parameters") or {}
