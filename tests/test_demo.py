@@ -93,7 +93,7 @@ def test_auto_precision_trains_in_bf16_only_where_bf16_matmuls_are_native():
 def test_every_training_stage_trains_in_the_precision_asked_for():
     plan = stages(PROFILES["full"], "bf16-mixed")
     training = [s for s in plan if s.args[0] == "train.py"]
-    assert {s.name for s in training} == {"clip", "decoder", "upsampler", "diffusion_prior", "ar_prior"}
+    assert {s.name for s in training} == {"clip", "decoder", "upsampler", "diffusion_prior", "ar_prior", "contrastive_prior"}
     assert all("trainer.precision=bf16-mixed" in s.args for s in training)
     assert not any("trainer.precision=bf16-mixed" in s.args for s in plan if s.args[0] != "train.py")
     assert not any(a.startswith("trainer.precision=") for s in stages(PROFILES["full"]) for a in s.args)
@@ -103,12 +103,13 @@ def test_every_training_stage_trains_in_the_precision_asked_for():
 def test_demo_plan_orders_every_stage_after_what_it_reads(profile):
     plan = stages(PROFILES[profile])
     order = [s.name for s in plan]
-    assert set(order) == {"data", "clip", "embed", "decoder", "attributes", "upsampler", "diffusion_prior", "ar_prior"}
+    assert set(order) == {"data", "clip", "embed", "decoder", "attributes", "upsampler", "diffusion_prior", "ar_prior",
+                          "contrastive_prior"}
     for stage in plan:
         assert all(order.index(n) < order.index(stage.name) for n in stage.needs), stage.name
     needs = {s.name: s.needs for s in plan}
     assert needs["embed"] == ("clip",)
-    assert {"decoder", "diffusion_prior", "ar_prior"} <= {s.name for s in plan if "embed" in s.needs}
+    assert {"decoder", "diffusion_prior", "ar_prior", "contrastive_prior"} <= {s.name for s in plan if "embed" in s.needs}
     root = ROOT / PROFILES[profile]["root"]  # under the repository, wherever the demo is started from
     assert all(root in s.done.parents for s in plan)  # a profile keeps to its own root
     assert all(f"paths.root={root}" in s.args for s in plan if s.name != "data")
@@ -220,3 +221,38 @@ def alive(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_the_grid_marks_held_out_and_two_object_rows_and_an_extra_blob_is_wrong(tmp_path, monkeypatch):
+    import torch
+
+    import unclip.eval.attributes as attributes
+    from unclip.data.shapes import DEFAULT_HOLDOUT
+    from unclip.demo import grid_rows, score_grid
+    from unclip.eval.attributes import CellPredictions, objects_from_caption
+    from unclip.sampling import save_grid
+
+    rows = grid_rows()
+    assert [g for g, _, _ in rows].count("held-out") >= 4 and [g for g, _, _ in rows].count("two") >= 4
+    for group, prompt, objects in rows:  # each row's labels are what its prompt says
+        assert objects_from_caption(prompt) == [{k: o[k] for k in o} for o in objects], prompt
+        held_out = [(o["shape"], o["color"]) in DEFAULT_HOLDOUT for o in objects]
+        assert any(held_out) == (group == "held-out") and (len(objects) == 2) == (group == "two")
+
+    def drawn(objects, extra=False):  # what a perfect drawing of the row holds (free cells for unplaced objects)
+        free = iter(["top left", "bottom right", "top right"])
+        placed = [{"size": "large", "position": next(free), **o} if "position" not in o else {"size": "large", **o}
+                  for o in objects]
+        return placed + ([{"shape": "star", "color": "red", "size": "small", "position": "bottom left"}] if extra else [])
+
+    images = [drawn(objects, extra=(i == 0)) for i, (_, _, objects) in enumerate(rows)]
+    monkeypatch.setattr(attributes, "predict", lambda classifier, pixels: CellPredictions.from_objects(images))
+    scores = score_grid(None, torch.zeros(len(rows), 3, 8, 8), rows, n=1)
+    singles = sum(g == "single" for g, _, _ in rows)
+    assert scores["attr_acc"] == scores["attr_acc_two"] == scores["right_held-out"] == scores["right_two"] == 1.0
+    assert scores["right_single"] == pytest.approx(1 - 1 / singles)  # row 0 drew a second blob
+    path = save_grid(torch.zeros(len(rows) * 2, 3, 16, 16), 2, tmp_path / "grid.png", row_labels=[p for _, p, _ in rows])
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.width > 2 * 18 + 100 and image.height == len(rows) * 18 + 2  # a label strip beside the images

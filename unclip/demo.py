@@ -135,6 +135,7 @@ PROFILES = {
         "diffusion_prior": ("trainer.max_steps=400", "trainer.val_check_interval=400", "model.module.val_pool=250"),
         "ar_prior": ("trainer.max_steps=400", "trainer.val_check_interval=400", "model.module.val_pool=250",
                      "model.module.tokenizer.bins=64", "optim.optimizer.lr=1e-3"),
+        "contrastive_prior": ("trainer.max_steps=400", "trainer.val_check_interval=400", "model.module.val_pool=250"),
         "decoder": ("trainer.max_steps=2400", "trainer.val_check_interval=1200", "data.batch_size=32",
                     "optim.optimizer.lr=1e-3"),
         "upsampler": ("trainer.max_steps=300", "trainer.val_check_interval=300", "data.batch_size=32",
@@ -156,6 +157,8 @@ PROFILES = {
         "ar_prior": ("trainer.max_steps=400", "trainer.val_check_interval=400", "model.module.val_pool=250",
                      "model.module.net.dim=128", "model.module.net.depth=2", "model.module.tokenizer.bins=64",
                      "optim.optimizer.lr=1e-3"),
+        "contrastive_prior": ("trainer.max_steps=300", "trainer.val_check_interval=300", "model.module.val_pool=250",
+                              "model.module.net.dim=128", "model.module.net.depth=2"),
         "decoder": ("model.module.text_cond=true", "trainer.max_steps=550", "trainer.val_check_interval=550",
                     "data.batch_size=32", "optim.optimizer.lr=1e-3", "trainer.limit_val_batches=1"),
         "upsampler": ("trainer.max_steps=80", "trainer.val_check_interval=80", "data.batch_size=32",
@@ -195,6 +198,8 @@ def stages(profile: dict, precision: str | None = None) -> list[Stage]:
               needs=("embed",)),
         Stage("ar_prior", train("ar_prior", *profile["ar_prior"]), published("ar_prior"),
               needs=("embed",)),
+        Stage("contrastive_prior", train("contrastive_prior", *profile["contrastive_prior"]),
+              published("contrastive_prior"), needs=("embed",)),
     ]
 
 
@@ -205,33 +210,87 @@ def trained_priors(plan: list[Stage]) -> list[str]:
 
     return [s.name for s in plan if registry.is_prior(s.name)]
 
-# Each prompt names what the attribute classifier checks in the samples.
-PROMPTS = [
-    ("a red circle", [{"shape": "circle", "color": "red"}]),
-    ("a large blue square", [{"shape": "square", "color": "blue", "size": "large"}]),
-    ("a yellow star in the top left", [{"shape": "star", "color": "yellow", "position": "top left"}]),
-    ("an orange triangle", [{"shape": "triangle", "color": "orange"}]),
-    ("a purple hexagon in the center", [{"shape": "hexagon", "color": "purple", "position": "center"}]),
-    ("a cyan diamond at the bottom", [{"shape": "diamond", "color": "cyan", "position": "bottom"}]),
-    ("a pink star", [{"shape": "star", "color": "pink"}]),
-    ("a large green circle", [{"shape": "circle", "color": "green", "size": "large"}]),
-]
+# Each prompt names what the attribute classifier checks in the samples, in three marked groups: compositions
+# training shows, held-out [shape, colour] pairs that no training image shows (shapes.DEFAULT_HOLDOUT), and
+# two-object scenes in training's pair phrasing.
+PROMPTS = {
+    "single": [
+        ("a red circle", [{"shape": "circle", "color": "red"}]),
+        ("a large blue square", [{"shape": "square", "color": "blue", "size": "large"}]),
+        ("a yellow star in the top left", [{"shape": "star", "color": "yellow", "position": "top left"}]),
+        ("an orange triangle", [{"shape": "triangle", "color": "orange"}]),
+        ("a purple hexagon in the center", [{"shape": "hexagon", "color": "purple", "position": "center"}]),
+        ("a cyan diamond at the bottom", [{"shape": "diamond", "color": "cyan", "position": "bottom"}]),
+        ("a pink star", [{"shape": "star", "color": "pink"}]),
+        ("a large green circle", [{"shape": "circle", "color": "green", "size": "large"}]),
+    ],
+    "held-out": [
+        ("a green star", [{"shape": "star", "color": "green"}]),
+        ("a purple circle", [{"shape": "circle", "color": "purple"}]),
+        ("a large cyan triangle", [{"shape": "triangle", "color": "cyan", "size": "large"}]),
+        ("a pink square in the center", [{"shape": "square", "color": "pink", "position": "center"}]),
+    ],
+    "two": [
+        ("a large red circle in the left and a large blue square in the right",
+         [{"shape": "circle", "color": "red", "size": "large", "position": "left"},
+          {"shape": "square", "color": "blue", "size": "large", "position": "right"}]),
+        ("a large yellow star in the top left and a large green triangle in the bottom right",
+         [{"shape": "star", "color": "yellow", "size": "large", "position": "top left"},
+          {"shape": "triangle", "color": "green", "size": "large", "position": "bottom right"}]),
+        ("a medium orange hexagon in the top, next to a medium cyan circle in the bottom",
+         [{"shape": "hexagon", "color": "orange", "size": "medium", "position": "top"},
+          {"shape": "circle", "color": "cyan", "size": "medium", "position": "bottom"}]),
+        ("a large purple diamond in the left and a large pink star in the right",
+         [{"shape": "diamond", "color": "purple", "size": "large", "position": "left"},
+          {"shape": "star", "color": "pink", "size": "large", "position": "right"}]),
+    ],
+}
 SAMPLES_PER_PROMPT = 8
 
 
+def grid_rows() -> list[tuple[str, str, list[dict]]]:
+    """(group, prompt, objects) of every grid row, top to bottom."""
+    return [(group, prompt, objects) for group, rows in PROMPTS.items() for prompt, objects in rows]
+
+
+def score_grid(classifier, pixels, rows: list[tuple[str, str, list[dict]]], n: int) -> dict:
+    """The grid's attribute accuracies overall and per group; ``right``: every named object has its shape
+    and colour and the image holds no object the prompt did not ask for (a second blob is wrong)."""
+    from unclip.eval.attributes import predict, score_predictions
+    from unclip.eval.attributes.scoring import CellPredictions
+    from unclip.eval.breakdown import count_hits
+
+    labels = [objects for _, _, objects in rows for _ in range(n)]
+    groups = [group for group, _, _ in rows for _ in range(n)]
+    pred = predict(classifier, pixels)
+    scores = score_predictions(pred, labels)
+    exact = count_hits(pred, labels)
+    per_image = [score_predictions(CellPredictions(pred.shape[i:i + 1], pred.color[i:i + 1], pred.size[i:i + 1]),
+                                   [labels[i]])["attr_prompt"] == 1.0 and exact[i] for i in range(len(labels))]
+    scores["right"] = sum(per_image) / len(per_image)
+    for group in PROMPTS:
+        index = [i for i, g in enumerate(groups) if g == group]
+        picked = CellPredictions(pred.shape[index], pred.color[index], pred.size[index])
+        scores[f"attr_acc_{group}"] = score_predictions(picked, [labels[i] for i in index])["attr_acc"]
+        scores[f"right_{group}"] = sum(per_image[i] for i in index) / len(index)
+    return scores
+
+
 def sample_grids(root: Path, timings: dict, priors: list[str], **settings) -> dict:
-    """For each prior: prompts × samples through the pipeline, a PNG grid, and the attribute accuracy."""
+    """For each prior: prompts × samples through the pipeline, a PNG grid with each row marked by its group,
+    and the attribute accuracy per group."""
     import torch
 
-    from unclip.eval.attributes import attribute_accuracy, load_classifier
+    from unclip.eval.attributes import load_classifier
     from unclip.pipeline import UnCLIPPipeline
     from unclip.sampling import save_grid
 
     artifacts, demo = root / "artifacts", root / "demo"
     classifier = load_classifier(artifacts / "attributes" / "shapes.pt")
     upsamplers = ["upsampler"] if (artifacts / "upsampler" / "shapes.ckpt").exists() else []
-    prompts = [p for p, _ in PROMPTS]
-    labels = [objects for _, objects in PROMPTS for _ in range(SAMPLES_PER_PROMPT)]
+    rows = grid_rows()
+    prompts = [prompt for _, prompt, _ in rows]
+    marks = [f"{group}: {prompt}" for group, prompt, _ in rows]
     results = {}
     for prior in priors:
         start = time.perf_counter()
@@ -239,12 +298,12 @@ def sample_grids(root: Path, timings: dict, priors: list[str], **settings) -> di
                                                device="auto")
         with torch.no_grad():
             out = pipe.generate(prompts, n=SAMPLES_PER_PROMPT, seed=0, **settings)
-        grid = save_grid(out.pixels, SAMPLES_PER_PROMPT, demo / f"grid_{prior}.png")
-        scores = attribute_accuracy(classifier, out.pixels, labels)
+        grid = save_grid(out.pixels, SAMPLES_PER_PROMPT, demo / f"grid_{prior}.png", row_labels=marks)
+        scores = score_grid(classifier, out.pixels, rows, SAMPLES_PER_PROMPT)
         results[prior] = {"grid": str(grid), **{k: round(float(v), 4) for k, v in scores.items()}}
         timings[f"grid_{prior}"] = round(time.perf_counter() - start, 1)
         print(f"[demo] {grid}: {results[prior]}", flush=True)
-    (demo / "prompts.txt").write_text("\n".join(f"row {i}: {p}" for i, p in enumerate(prompts)) + "\n")
+    (demo / "prompts.txt").write_text("\n".join(f"row {i}: {m}" for i, m in enumerate(marks)) + "\n")
     return results
 
 

@@ -109,11 +109,28 @@ def run_mode(pipe: UnCLIPPipeline, cfg: DictConfig) -> tuple[UnCLIPOutput, int, 
     return out, cfg.k, [f"{images[0]}: {cfg.caption_from!r} -> {cfg.caption_to!r}"]
 
 
-def save_grid(pixels: torch.Tensor, per_row: int, path: Path) -> Path:
+def save_grid(pixels: torch.Tensor, per_row: int, path: Path, row_labels: list[str] | None = None) -> Path:
+    """Images (N, 3, H, W) in [-1, 1] as a PNG grid of ``per_row`` columns; ``row_labels``: a text strip on
+    the left naming each row (the demo marks its held-out and two-object rows so)."""
     from torchvision.utils import make_grid, save_image
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(make_grid(pixels.add(1).div(2).clamp(0, 1).cpu(), nrow=per_row, padding=2), path)
+    grid = make_grid(pixels.add(1).div(2).clamp(0, 1).cpu(), nrow=per_row, padding=2)
+    if not row_labels:
+        save_image(grid, path)
+        return path
+    from PIL import Image, ImageDraw, ImageFont
+    from torchvision.transforms.functional import to_pil_image
+
+    image, font = to_pil_image(grid), ImageFont.load_default()
+    draw = ImageDraw.Draw(image)
+    width = 8 + max(int(draw.textlength(label, font=font)) for label in row_labels)
+    labelled = Image.new("RGB", (image.width + width, image.height), "white")
+    labelled.paste(image, (width, 0))
+    draw, row_height = ImageDraw.Draw(labelled), pixels.shape[-2] + 2
+    for row, label in enumerate(row_labels):
+        draw.text((4, 2 + row * row_height + row_height // 2 - 6), label, fill="black", font=font)
+    labelled.save(path)
     return path
 
 

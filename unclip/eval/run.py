@@ -5,6 +5,7 @@
     python evaluate.py mode=images prior=diffusion decoder=decoder n=2  # prompt suite -> images -> metrics
     python evaluate.py leaderboard priors=[diffusion,ar,contrastive]    # a bare first word is the mode
     python evaluate.py mode=steps prior=diffusion decoder=decoder       # quality against sampling steps
+    python evaluate.py mode=breakdown priors=[diffusion,ar]             # where a wrong picture comes from, stage by stage
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-MODES = ("prior", "compare", "images", "leaderboard", "steps")
+MODES = ("prior", "compare", "images", "leaderboard", "steps", "breakdown")
 
 
 @torch.no_grad()
@@ -33,6 +34,10 @@ def run(cfg: DictConfig):
         from unclip.eval.steps import run_steps
 
         return run_steps(cfg, clip)
+    if cfg.mode == "breakdown":
+        from unclip.eval.breakdown import run_breakdown
+
+        return run_breakdown(cfg, clip)
     from unclip.eval.leaderboard import run_leaderboard
 
     return run_leaderboard(cfg, clip)

@@ -1,0 +1,73 @@
+"""``evaluate.py mode=breakdown``: the interval, the zero-shot captions, the scoring rule (an extra object
+costs ``count`` but not ``acc``), and a whole run on tiny random stages with a row per stage and split."""
+
+import json
+
+import pytest
+import torch
+
+from test_leaderboard import compose_evaluate, stages, tiny_overrides  # noqa: F401  (stages: a fixture)
+from unclip.data.shapes import VOCAB
+from unclip.eval import breakdown
+from unclip.eval.attributes import CellPredictions
+from unclip.eval.attributes.net import CELL_OF
+from unclip.eval.run import run
+
+RED_CIRCLE = {"shape": "circle", "color": "red", "size": "small", "position": "top left"}
+BLUE_SQUARE = {"shape": "square", "color": "blue", "size": "large", "position": "center"}
+
+
+def test_wilson_interval_matches_its_formula_and_stays_open_at_the_edges():
+    assert breakdown.wilson_half_width(0.5, 100) == pytest.approx(0.0962, abs=1e-4)
+    assert breakdown.wilson_half_width(0.7, 400) < breakdown.wilson_half_width(0.7, 100)
+    assert breakdown.wilson_half_width(1.0, 50) > 0.01  # a perfect score over 50 is not certainty
+
+
+def test_zero_shot_candidates_differ_in_one_attribute_of_the_first_object():
+    captions, truth = breakdown.zero_shot_candidates([RED_CIRCLE, BLUE_SQUARE], "color")
+    assert len(captions) == len(VOCAB.colors) and captions[truth] == "a small red circle in the top left and a large blue square in the center"
+    assert all(c.endswith("and a large blue square in the center") for c in captions)
+    assert len(set(captions)) == len(captions)
+    single, one = breakdown.zero_shot_candidates([RED_CIRCLE], "count")
+    pair, two = breakdown.zero_shot_candidates([RED_CIRCLE, BLUE_SQUARE], "count")
+    assert (one, two) == (0, 1) and single[0] == pair[0] == "a small red circle in the top left"
+    assert " and " in single[1] and "circle" not in single[1].split(" and ")[1]  # another shape for a one-object image
+
+
+def test_an_extra_object_costs_count_but_not_the_named_object():
+    pool = breakdown.Pool.__new__(breakdown.Pool)
+    pool.objects = [[RED_CIRCLE], [RED_CIRCLE, BLUE_SQUARE]]
+    pool.asked = [[{"shape": "circle", "color": "red"}], pool.objects[1]]
+    pool.captions = ["a red circle", "..."]
+    perfect = CellPredictions.from_objects(pool.objects)
+    rows = {r["objects"]: r for r in breakdown.score_rows("real", "val", perfect, pool)}
+    assert rows["single"]["acc"] == rows["single"]["count"] == rows["two"]["prompt"] == 1.0
+    assert rows["single"]["split"] == "seen" and rows["two"]["n"] == 1
+    extra = CellPredictions.from_objects([[RED_CIRCLE, BLUE_SQUARE], pool.objects[1]])  # a second blob in image 0
+    rows = {r["objects"]: r for r in breakdown.score_rows("real", "val", extra, pool)}
+    assert rows["single"]["acc"] == 1.0 and rows["single"]["count"] == 0.0
+    wrong_colour = CellPredictions.from_objects(pool.objects)
+    wrong_colour.color[1, CELL_OF["center"]] = VOCAB.colors.index("red")
+    rows = {r["objects"]: r for r in breakdown.score_rows("real", "val", wrong_colour, pool)}
+    assert rows["two"]["acc"] == 0.5 and rows["two"]["prompt"] == 0.0 and rows["two"]["shape"] == 1.0
+
+
+@pytest.mark.slow
+def test_breakdown_scores_every_stage_on_seen_and_held_out_pairs(shapes_dir, cache_dir, stages, tmp_path):  # noqa: F811
+    out = tmp_path / "breakdown"
+    cfg = compose_evaluate(tiny_overrides(shapes_dir, cache_dir, stages, out)
+                           + ["mode=breakdown", f"priors=[{stages['diffusion']},{stages['ar']}]", "breakdown_pool=12"])
+    rows = run(cfg)
+    stages_seen = {(r["stage"], r["split"]) for r in rows}
+    for stage in ("real", "clip_zero_shot", "decoder_true_zi", "diffusion_prior", "ar_prior"):
+        assert {(stage, "seen"), (stage, "held-out")} <= stages_seen, stage
+    for r in rows:
+        assert r["n"] > 0 and 0.0 <= r["acc"] <= 1.0 and 0.0 <= r["count"] <= 1.0
+        assert r["acc_ci"] > 0
+    assert sum(r["n"] for r in rows if r["stage"] == "real" and r["split"] == "seen") == 12
+    saved = json.loads((out / "breakdown.json").read_text())
+    assert len(saved) == len(rows) and "| decoder_true_zi | held-out |" in (out / "breakdown.md").read_text()
+    again = run(cfg)  # the same seeds: the same numbers
+    assert [r["acc"] for r in again] == [r["acc"] for r in rows]
+    prompt = lambda rs: torch.tensor([r.get("prompt", float("nan")) for r in rs])  # noqa: E731 - zero-shot has none
+    torch.testing.assert_close(prompt(again), prompt(rows), equal_nan=True)
