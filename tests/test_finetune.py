@@ -1,0 +1,119 @@
+"""Fine-tuning from a stage: ``train.py init_from=`` for a converted published prior, the decoder and the
+upsampler (resume keeps the run's own weights, shape mismatches are named), and ``finetune=lora`` through
+peft on the prior and the decoder (only the adapter trains and is saved, it loads on its base and only
+there, it merges into a plain stage that samples identically)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_convert import published  # noqa: F401  (a fixture: a tiny random karlo prior, converted)
+from test_leaderboard import compose_evaluate, stages, tiny_overrides  # noqa: F401  (stages: a fixture)
+from unclip import training
+from unclip.eval.run import run as evaluate
+from unclip.loading import load, read_stage
+from unclip.lora import BaseMismatchError, merge_file, state_sha256
+
+pytest.importorskip("peft")
+CONF = Path(__file__).resolve().parents[1] / "conf"
+FAST = ["data.num_workers=0", "data.batch_size=8", "data.val_batch_size=24", "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false", "optim.warmup_steps=1", "optim.optimizer.lr=1e-2", "logger=csv"]
+PRIOR = ["model=published_prior", "clip=unclip_tiny", "trainer.limit_val_batches=0", "model.module.val_pool=8"]
+# the decoder at the size of the tiny stages (16 px, 16 channels): data images are resized to it
+DECODER = ["model=decoder", "clip=unclip_tiny", "model.image_size=16", "model.module.net.patch_size=1",
+           "model.module.net.channels=16", "model.module.net.channel_mult=[1,2]", "model.module.net.attention_resolutions=[8]",
+           "model.module.net.head_channels=16", "model.module.net.groups=8", "diffusion.num_timesteps=50",
+           "trainer.limit_val_batches=0", "model.module.attribute_classifier=null"]
+UPSAMPLER = ["model=upsampler_32_64", "model.image_size=32", "model.lowres_size=16", "model.module.crop_size=16",
+             "model.module.net.channels=8", "model.module.net.channel_mult=[1,2]", "model.module.net.groups=8",
+             "diffusion.num_timesteps=50", "model.module.noise_aug.max_step=20", "trainer.limit_val_batches=0"]
+
+
+def compose_train(root: Path, shapes_dir: Path, cache_dir, *overrides):
+    from hydra import compose, initialize_config_dir
+
+    data = [f"data.train={shapes_dir}/train-*.tar", f"data.val={shapes_dir}/val-*.tar",
+            f"data.val_unseen={shapes_dir}/val_unseen-*.tar"] + ([f"data.cache_dir={cache_dir}"] if cache_dir else [])
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=[f"paths.root={root}", *data, *FAST, *overrides])
+
+
+def fit(root, shapes_dir, cache_dir, *overrides):
+    """``train.py``'s fit in this process (the run dir is paths.runs/EXPERIMENT/MODEL/run.name)."""
+    cfg = compose_train(root, shapes_dir, cache_dir, *overrides)
+    training.fit(cfg)
+    return Path(cfg.paths.runs) / cfg.experiment.name / cfg.model.name / cfg.run.name
+
+
+def count_calls(monkeypatch, module, name):
+    calls = []
+    original = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(a) or original(*a, **k))
+    return calls
+
+
+def last(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+def sample(module, clip, seed=0):
+    captions = ["a red circle", "two blue squares"]
+    cond = module.condition({"txt_emb": clip.encode_text(captions).z_txt, "caption": captions})
+    return module.sample(cond, torch.Generator().manual_seed(seed), steps="linspace4")
+
+
+# ------------------------------------------------------------------------------------ the published prior
+def test_lora_on_a_converted_prior_trains_resumes_loads_on_its_base_merges_and_joins_compare(
+        published, shapes_dir, cache_dir, stages, tiny_clip, tmp_path, monkeypatch):  # noqa: F811
+    base_path = published["stage"]
+    args = [*PRIOR, f"init_from={base_path}", "finetune=lora", "finetune.rank=2", "run.name=lora"]
+    run = fit(tmp_path, shapes_dir, cache_dir, *args, "trainer.max_steps=2")
+    first = last(run)
+    base = read_stage(base_path)["state_dict"]
+    adapter = set(first["state_dict"])
+    assert adapter and all(".lora_A." in k or ".lora_B." in k for k in adapter)  # the checkpoint holds the adapter alone
+    assert set(first["current_model_state"]) == adapter and first["global_step"] == 2
+    lora = first["hyper_parameters"]["lora"]
+    assert lora["rank"] == 2 and lora["base"]["kind"] == "published_prior" and lora["base"]["sha256"] == state_sha256(base)
+    assert any("transformer_blocks.0.attn1.to_q" in k for k in adapter) and any("ff.net.2" in k for k in adapter)
+
+    # resume: the step count continues from the adapter, the base loaded again under it
+    calls = count_calls(monkeypatch, training, "init_weights")
+    run = fit(tmp_path, shapes_dir, cache_dir, *args, "trainer.max_steps=3")
+    second = last(run)
+    assert second["global_step"] == 3 and len(calls) == 1
+    assert any(not torch.equal(first["current_model_state"][k], second["current_model_state"][k]) for k in adapter)
+
+    # unclip.load: the base's weights where they were, only the adapter moved; lora_B started at zero
+    tuned_path = tmp_path / "artifacts" / "published_prior" / "shapes.ckpt"
+    tuned = load(tuned_path, clip=tiny_clip)
+    state = tuned.state_dict()
+    for name, tensor in base.items():
+        layer, _, leaf = name.rpartition(".")
+        key = name if name in state else f"{layer}.base_layer.{leaf}"
+        assert torch.equal(state[key], tensor), name
+    assert any(state[k].abs().sum() > 0 for k in adapter if ".lora_B." in k)
+    assert not torch.allclose(sample(tuned, tiny_clip), sample(load(base_path, clip=tiny_clip), tiny_clip), atol=1e-4)
+
+    # another base under the recorded path's name is refused by its weights
+    with pytest.raises(BaseMismatchError, match="was trained on the published_prior stage .* holds other weights"):
+        load(tuned_path, clip=tiny_clip, base=stages["diffusion"])
+
+    # merge: a plain stage that opens without peft and samples as the adapter on its base
+    plain = merge_file(tuned_path, tmp_path / "plain.ckpt")
+    merged = read_stage(plain)
+    assert "lora" not in merged["hyper_parameters"] and set(merged["state_dict"]) == set(base)
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft now fails
+    difference = (sample(load(plain, clip=tiny_clip), tiny_clip) - sample(tuned, tiny_clip)).abs().max()
+    print(f"max |merged - adapter on base| over a 4-step guided sample: {difference:.2e}")
+    assert difference <= 1e-5
+    monkeypatch.delitem(sys.modules, "peft")
+
+    # the adapter is ranked beside a native prior
+    out = tmp_path / "compare"
+    rows = evaluate(compose_evaluate(tiny_overrides(shapes_dir, cache_dir, stages, out)
+                                     + ["mode=compare", f"priors=[{stages['diffusion']},{tuned_path}]"]))
+    ours = [r for r in rows if r["prior"] == "published_prior"]
+    assert ours and all(r["cos_true"] == r["cos_true"] for r in ours)  # computed, not NaN
