@@ -117,3 +117,79 @@ def test_lora_on_a_converted_prior_trains_resumes_loads_on_its_base_merges_and_j
                                      + ["mode=compare", f"priors=[{stages['diffusion']},{tuned_path}]"]))
     ours = [r for r in rows if r["prior"] == "published_prior"]
     assert ours and all(r["cos_true"] == r["cos_true"] for r in ours)  # computed, not NaN
+
+
+# ------------------------------------------------------------------------------------------ the decoder
+@pytest.fixture(scope="module")
+def decoder_stage(shapes_dir, cache_dir, tmp_path_factory):
+    """A tiny decoder trained one step with train.py and published (paths.artifacts/decoder/base.ckpt)."""
+    root = tmp_path_factory.mktemp("decoder_base")
+    fit(root, shapes_dir, cache_dir, *DECODER, "experiment.name=base", "run.name=base", "trainer.max_steps=1")
+    return root / "artifacts" / "decoder" / "base.ckpt"
+
+
+def test_decoder_init_from_a_trained_stage_starts_there_resumes_on_its_own_and_refuses_another_shape(
+        decoder_stage, shapes_dir, cache_dir, tmp_path, monkeypatch):
+    base = read_stage(decoder_stage)["state_dict"]
+    # at lr 0 the run's weights, EMA and published stage are the stage it started from, exactly
+    fit(tmp_path, shapes_dir, cache_dir, *DECODER, f"init_from={decoder_stage}", "optim.optimizer.lr=0", "run.name=still",
+        "experiment.name=still", "trainer.max_steps=1")
+    still = read_stage(tmp_path / "artifacts" / "decoder" / "still.ckpt")["state_dict"]
+    assert set(still) == set(base) and all(torch.equal(still[k], base[k]) for k in base)
+
+    args = [*DECODER, f"init_from={decoder_stage}", "run.name=full"]
+    run = fit(tmp_path, shapes_dir, cache_dir, *args, "trainer.max_steps=1")
+    calls = count_calls(monkeypatch, training, "init_weights")
+    fit(tmp_path, shapes_dir, cache_dir, *args, "trainer.max_steps=2")
+    resumed = last(run)
+    assert resumed["global_step"] == 2 and not calls  # the resumed run kept its own weights
+    ema = next(v for k, v in resumed["callbacks"].items() if "NetEMA" in k)
+    assert ema["n_averaged"] == 2
+
+    with pytest.raises(ValueError, match=r"does not fit this run's decoder: missing none; unexpected none; shapes "
+                                         r"\(stage vs run\) net\.context_norm\.bias \(32,\) vs \(64,\), .* in all\)\. Make model.module.net match"):
+        fit(tmp_path, shapes_dir, cache_dir, *args, "model.module.net.channels=32", "run.name=wide", "trainer.max_steps=1")
+    with pytest.raises(ValueError, match="is a 'decoder' stage but this run trains 'upsampler'"):
+        fit(tmp_path, shapes_dir, None, *UPSAMPLER, f"init_from={decoder_stage}", "run.name=kind", "trainer.max_steps=1")
+
+
+def test_lora_on_the_decoder_trains_the_attention_adapters_only_and_merges(
+        decoder_stage, stages, shapes_dir, cache_dir, tiny_clip, tmp_path):  # noqa: F811
+    run = fit(tmp_path, shapes_dir, cache_dir, *DECODER, f"init_from={decoder_stage}", "finetune=lora", "finetune.rank=2",
+              "run.name=lora", "trainer.max_steps=2")
+    checkpoint = last(run)
+    adapter = set(checkpoint["state_dict"])
+    assert adapter and all(".attn." in k and (".lora_A." in k or ".lora_B." in k) for k in adapter)
+    assert {k.split(".attn.")[1].split(".")[0] for k in adapter} == {"qkv", "proj", "context_kv"}
+    tuned_path = tmp_path / "artifacts" / "decoder" / "shapes.ckpt"
+    tuned = load(tuned_path, clip=tiny_clip)
+    base = read_stage(decoder_stage)["state_dict"]
+    state = tuned.state_dict()
+    for name, tensor in base.items():  # the base is untouched
+        layer, _, leaf = name.rpartition(".")
+        assert torch.equal(state[name if name in state else f"{layer}.base_layer.{leaf}"], tensor), name
+    assert any(state[k].abs().sum() > 0 for k in adapter if ".lora_B." in k)  # the adapter moved from its zero start
+
+    with pytest.raises(BaseMismatchError, match="holds other weights"):
+        load(tuned_path, clip=tiny_clip, base=stages["decoder"])  # the same net, other weights
+
+    plain = load(merge_file(tuned_path, tmp_path / "plain.ckpt"), clip=tiny_clip)
+    z_img = torch.nn.functional.normalize(torch.randn(2, tiny_clip.embed_dim, generator=torch.Generator().manual_seed(3)), dim=-1)
+    images = [m.sample(z_img, generator=torch.Generator().manual_seed(0), steps=3) for m in (tuned, plain)]
+    print(f"max |merged - adapter on base| over a 3-step decode: {(images[0] - images[1]).abs().max():.2e}")
+    assert (images[0] - images[1]).abs().max() <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------- the upsampler
+def test_upsampler_init_from_starts_at_the_stage_and_names_a_mismatch(shapes_dir, tmp_path):
+    fit(tmp_path, shapes_dir, None, *UPSAMPLER, "experiment.name=base", "run.name=base", "trainer.max_steps=1")
+    stage = tmp_path / "artifacts" / "upsampler" / "base.ckpt"
+    fit(tmp_path, shapes_dir, None, *UPSAMPLER, f"init_from={stage}", "optim.optimizer.lr=0", "experiment.name=still",
+        "run.name=still", "trainer.max_steps=1")
+    base, still = (read_stage(p)["state_dict"] for p in (stage, tmp_path / "artifacts" / "upsampler" / "still.ckpt"))
+    assert set(still) == set(base) and all(torch.equal(still[k], base[k]) for k in base)
+    with pytest.raises(ValueError, match=r"does not fit this run's upsampler: .*shapes \(stage vs run\) net\."):
+        fit(tmp_path, shapes_dir, None, *UPSAMPLER, f"init_from={stage}", "model.module.net.channels=16", "run.name=wide",
+            "trainer.max_steps=1")
+    with pytest.raises(ValueError, match="finetune=lora has no default targets for a upsampler stage"):
+        fit(tmp_path, shapes_dir, None, *UPSAMPLER, f"init_from={stage}", "finetune=lora", "run.name=lora", "trainer.max_steps=1")
