@@ -15,6 +15,7 @@ from unclip import training
 from unclip.eval.run import run as evaluate
 from unclip.loading import load, read_stage
 from unclip.lora import BaseMismatchError, merge_file, state_sha256
+from unclip.lora import main as lora_main
 
 pytest.importorskip("peft")
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -173,7 +174,10 @@ def test_lora_on_the_decoder_trains_the_attention_adapters_only_and_merges(
     with pytest.raises(BaseMismatchError, match="holds other weights"):
         load(tuned_path, clip=tiny_clip, base=stages["decoder"])  # the same net, other weights
 
-    plain = load(merge_file(tuned_path, tmp_path / "plain.ckpt"), clip=tiny_clip)
+    lora_main(["merge", f"src={tuned_path}", f"out={tmp_path / 'plain.ckpt'}"])  # python -m unclip.lora merge ...
+    plain = load(tmp_path / "plain.ckpt", clip=tiny_clip)
+    with pytest.raises(SystemExit, match="usage: python -m unclip.lora merge src=LORA.ckpt out=PLAIN.ckpt"):
+        lora_main(["merge", f"src={tuned_path}"])
     z_img = torch.nn.functional.normalize(torch.randn(2, tiny_clip.embed_dim, generator=torch.Generator().manual_seed(3)), dim=-1)
     images = [m.sample(z_img, generator=torch.Generator().manual_seed(0), steps=3) for m in (tuned, plain)]
     print(f"max |merged - adapter on base| over a 3-step decode: {(images[0] - images[1]).abs().max():.2e}")
@@ -193,3 +197,58 @@ def test_upsampler_init_from_starts_at_the_stage_and_names_a_mismatch(shapes_dir
             "trainer.max_steps=1")
     with pytest.raises(ValueError, match="finetune=lora has no default targets for a upsampler stage"):
         fit(tmp_path, shapes_dir, None, *UPSAMPLER, f"init_from={stage}", "finetune=lora", "run.name=lora", "trainer.max_steps=1")
+
+
+# ------------------------------------------------------------------------------------------ full, EMA, config
+def test_full_fine_tuning_of_a_converted_prior_resumes_as_the_uninterrupted_run(
+        published, shapes_dir, cache_dir, tmp_path, monkeypatch):  # noqa: F811
+    args = [*PRIOR, f"init_from={published['stage']}", "optim.schedule=constant"]  # (cosine would follow max_steps)
+    whole = last(fit(tmp_path, shapes_dir, cache_dir, *args, "run.name=whole", "trainer.max_steps=3"))
+    fit(tmp_path, shapes_dir, cache_dir, *args, "run.name=split", "trainer.max_steps=2")
+    calls = count_calls(monkeypatch, training, "init_weights")
+    split = last(fit(tmp_path, shapes_dir, cache_dir, *args, "run.name=split", "trainer.max_steps=3"))
+    assert split["global_step"] == 3 and not calls
+    # not started again from init_from: the resumed run's weights are those of the run that never stopped
+    assert all(torch.allclose(split["current_model_state"][k], v, atol=1e-6) for k, v in whole["current_model_state"].items())
+    assert any(not torch.equal(v, read_stage(published["stage"])["state_dict"][k]) for k, v in split["state_dict"].items())
+
+
+def test_the_ema_of_a_lora_net_shares_its_frozen_base(stages, tiny_clip):  # noqa: F811
+    from types import SimpleNamespace
+
+    from unclip.lora import apply_lora
+    from unclip.modules.ema import NetEMA
+
+    module = load(stages["diffusion"], clip=tiny_clip)
+    apply_lora(module, 2, 2.0, 0.0, [r"blocks\.\d+\.attn\.qkv"])
+    ema = NetEMA()
+    ema.setup(SimpleNamespace(strategy=None, world_size=1), module, "fit")
+    averaged = dict(ema.average.module.named_parameters())
+    for name, p in module.net.named_parameters():
+        assert (averaged[name] is p) == (not p.requires_grad), name  # frozen: the same tensor; adapter: its own copy
+    assert {n for n, p in module.named_parameters() if p.requires_grad} == {
+        f"net.blocks.{i}.attn.qkv.lora_{ab}.default.weight" for i in (0, 1) for ab in "AB"}
+    with pytest.raises(ValueError, match=r"match no layer of the diffusion_prior net; its Linear/Conv layers are named e\.g\. text_proj"):
+        apply_lora(load(stages["diffusion"], clip=tiny_clip), 2, 2.0, 0.0, ["nothing"])
+
+
+def test_the_karlo_experiment_composes_lora_on_vit_l_14_webdataset_shards():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=finetune_karlo_prior", "data.train='/data/{0..9}.tar'"])
+        full = compose("train", overrides=["experiment=finetune_karlo_prior", "finetune=full"])
+    assert (cfg.model.name, cfg.clip.model_name, cfg.clip.pretrained, cfg.data.name) == ("published_prior", "ViT-L-14", "openai", "webdataset")
+    assert cfg.init_from == "outputs/published/karlo_prior.ckpt" and cfg.experiment.name == "finetune_karlo_prior"
+    assert cfg.data.cache_dir == "outputs/cache/webdataset/vit_l_14" and cfg.data.train == "/data/{0..9}.tar"
+    assert cfg.finetune.method == "lora" and full.finetune.method == "full"
+
+
+def test_a_run_stored_before_finetune_existed_resumes_as_full_fine_tuning():
+    from omegaconf import OmegaConf
+
+    current = OmegaConf.to_container(compose_train(Path("/tmp"), Path("/x"), None), resolve=False)
+    stored = {k: v for k, v in current.items() if k != "finetune"}
+    assert training.config_differences(stored, current) == []
+    lora = {**current, "finetune": {**current["finetune"], "method": "lora"}}
+    assert training.config_differences(stored, lora) == ["finetune.method: 'full' -> 'lora'"]

@@ -118,11 +118,12 @@ class NetEMA(Callback):
             state = torch.load(trainer.ckpt_path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
         ema = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
         # a LoRA run's checkpoint holds the adapter alone (its module checked the keys and loads non-strictly)
-        self.average.module.load_state_dict(ema, strict=pl_module.strict_loading)
+        strict = getattr(pl_module, "strict_loading", True)
+        self.average.module.load_state_dict(ema, strict=strict)
         if isinstance(trainer.strategy, FSDPStrategy):  # the raw weights go through the wrapped model too
             _load_raw_module_state(checkpoint["current_model_state"], trainer.strategy.model, trainer.world_size)
         else:
-            pl_module.load_state_dict(checkpoint["current_model_state"], strict=pl_module.strict_loading)
+            pl_module.load_state_dict(checkpoint["current_model_state"], strict=strict)
         if self._restored_n_averaged is not None:
             self.average.n_averaged.fill_(self._restored_n_averaged)
 
