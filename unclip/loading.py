@@ -143,10 +143,23 @@ def check_clip(clip, identity: dict) -> None:
                          f"(clip.model_name={identity['model']} clip.pretrained={identity.get('pretrained')})")
 
 
-def load(spec: str | Path, clip=None, device: str | torch.device = "cpu", artifacts: str | Path = "outputs/artifacts"):
-    """The stage's LightningModule in eval mode with its EMA weights (``kind`` picks the class)."""
+def load(spec: str | Path, clip=None, device: str | torch.device = "cpu", artifacts: str | Path = "outputs/artifacts",
+         base: str | Path | None = None):
+    """The stage's LightningModule in eval mode with its EMA weights (``kind`` picks the class). A LoRA
+    checkpoint (:mod:`unclip.lora`) is its base stage with the adapter on top; ``base``: where that base is,
+    when not where the adapter recorded it."""
     path = resolve(spec, artifacts)
     checkpoint = read_stage(path)
+    if (checkpoint.get("hyper_parameters") or {}).get("lora"):
+        from unclip.lora import load_lora  # peft is needed for LoRA checkpoints only
+
+        return load_lora(path, checkpoint, clip=clip, device=device, artifacts=artifacts, base=base)
+    return build_stage(checkpoint, path, clip=clip, device=device, artifacts=artifacts)
+
+
+def build_stage(checkpoint: dict, path: Path, clip=None, device: str | torch.device = "cpu",
+                artifacts: str | Path = "outputs/artifacts"):
+    """The module of a stage checkpoint's contents (hyperparameters and ``state_dict``) read from ``path``."""
     hparams = checkpoint.get("hyper_parameters") or {}
     cls = registry.stage_class(hparams.get("kind"), checkpoint.get("stage_class"))  # imports a stage defined elsewhere
     if not getattr(cls, "loadable", True):

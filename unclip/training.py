@@ -47,9 +47,10 @@ def stage_hparam(spec: str | None, key: str):
 OmegaConf.register_new_resolver("stage_hparam", stage_hparam, replace=True, use_cache=True)
 
 
-def init_weights(module, spec: str | Path, artifacts: str | Path = "outputs/artifacts") -> None:
+def init_weights(module, spec: str | Path, artifacts: str | Path = "outputs/artifacts") -> tuple[Path, dict]:
     """Starts ``module`` from a stage's weights (``init_from=``): a converted published stage or one trained
-    here. Refuses another kind, another CLIP, and weights that do not fit the module, naming the keys."""
+    here. Refuses another kind, another CLIP, and weights that do not fit the module, naming the keys.
+    Returns the stage's path and state dict (a LoRA run names its base by them)."""
     path = resolve(spec, artifacts)
     checkpoint = read_stage(path)
     hparams = checkpoint.get("hyper_parameters") or {}
@@ -70,6 +71,7 @@ def init_weights(module, spec: str | Path, artifacts: str | Path = "outputs/arti
                          f"net ({sorted(hparams.get('net') or {})})")
     module.load_state_dict(state)
     log.info("initialised %s from %s", module.kind, path)
+    return path, state
 
 
 def run_dir(cfg: DictConfig) -> Path:
@@ -219,7 +221,7 @@ RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.max_epochs", "trainer.enable_
 # Keys added after runs were stored, with the value that reproduces how those runs behaved: a stored config
 # without one resumes as if it had that value. (train.py built a random-weight CLIP right after seeding with
 # ``seed``, 0 by default: the same weights as init_seed 0; a CLIP that differs is refused by the cache's identity check.)
-ADDED_KEYS = {"clip.init_seed": 0}
+ADDED_KEYS = {"clip.init_seed": 0, "finetune.method": "full"}
 
 
 def flatten(tree, prefix: str = "") -> dict:
@@ -283,8 +285,13 @@ def fit(cfg: DictConfig) -> dict:
     module = build_module(cfg, clip)
     trainer = build_trainer(cfg, directory)
     ckpt = resume_path(cfg, directory)
-    if cfg.get("init_from") and not ckpt:  # a resumed run has its own weights
-        init_weights(module, cfg.init_from, cfg.paths.artifacts)
+    lora = (cfg.get("finetune") or {}).get("method", "full") == "lora"
+    # a resumed run has its own weights; a LoRA run's own are its adapter alone, on the base loaded again
+    base = init_weights(module, cfg.init_from, cfg.paths.artifacts) if cfg.get("init_from") and (not ckpt or lora) else (None, None)
+    if lora:
+        from unclip import lora as lora_lib  # peft: imported by LoRA runs only
+
+        lora_lib.start(module, OmegaConf.to_container(cfg.finetune, resolve=True), cfg.get("init_from"), *base, resumed=ckpt)
     if ckpt:
         log.info("resuming from %s", ckpt)
         # Lightning warns about any mid-epoch resume of a loader it cannot restore itself; the DataModule's

@@ -58,7 +58,8 @@ class UnclipModule(pl.LightningModule):
 
     def configure_optimizers(self):
         cfg = dict(self.optim_cfg)
-        optimizer = instantiate(cfg["optimizer"], _convert_="all")(self.trainable_parameters())
+        # (what is frozen stays out: a LoRA run's base, unclip.lora)
+        optimizer = instantiate(cfg["optimizer"], _convert_="all")([p for p in self.trainable_parameters() if p.requires_grad])
         total = self.trainer.max_steps if self.trainer and self.trainer.max_steps and self.trainer.max_steps > 0 else None
         factor = warmup_cosine(int(cfg.get("warmup_steps", 0)), total, float(cfg.get("min_lr_ratio", 0.1)),
                                cfg.get("schedule", "cosine"))
@@ -142,6 +143,16 @@ class UnclipModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # where the class lives, so unclip.load finds a stage defined outside unclip (a str: weights_only-safe)
         checkpoint["stage_class"] = registry.qualified_name(type(self))
+        if self.hparams.get("lora"):  # a LoRA run's checkpoints hold its adapter alone (unclip.lora)
+            from unclip.lora import keep_adapter
+
+            keep_adapter(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.hparams.get("lora") and checkpoint.get("state_dict") is not None:
+            from unclip.lora import check_adapter_state
+
+            check_adapter_state(self, checkpoint["state_dict"], "the checkpoint resumed")
 
     # ------------------------------------------------------------------------- publishing
     def publish(self, path) -> None:

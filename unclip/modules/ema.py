@@ -32,6 +32,16 @@ def warmup_ema(decay: float, warmup: float):
     return update
 
 
+def share_frozen(average: torch.nn.Module, net: torch.nn.Module) -> None:
+    """Puts the net's frozen parameters (a LoRA run's base) into its averaged copy in place of their copies:
+    the EMA of a constant is that constant, so the average tracks what trains and the base is held once."""
+    live = dict(net.named_parameters())
+    for name, copy in list(average.named_parameters()):
+        if name in live and not live[name].requires_grad and copy is not live[name]:
+            parent, _, leaf = name.rpartition(".")
+            setattr(average.get_submodule(parent), leaf, live[name])
+
+
 class NetEMA(Callback):
     def __init__(self, decay: float = 0.999, warmup: float = 10.0, update_every_n_steps: int = 1, start_step: int = 0):
         if not 0.0 < decay < 1.0:
@@ -50,6 +60,7 @@ class NetEMA(Callback):
                              f"{trainer.world_size} devices: train with strategy=ddp, or drop the EMA with ~model.callbacks.ema")
         if stage == "fit" and self.average is None:
             self.average = AveragedModel(pl_module.net, multi_avg_fn=warmup_ema(self.decay, self.warmup), use_buffers=True)
+            share_frozen(self.average.module, pl_module.net)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step  # optimiser steps so far
@@ -61,7 +72,7 @@ class NetEMA(Callback):
     def _pairs(self, pl_module):
         averaged = itertools.chain(self.average.module.parameters(), self.average.module.buffers())
         current = itertools.chain(pl_module.net.parameters(), pl_module.net.buffers())
-        return zip(averaged, current)
+        return ((a, c) for a, c in zip(averaged, current) if a is not c)  # (a frozen parameter is shared: nothing to swap)
 
     @torch.no_grad()
     def swap(self, pl_module) -> None:
@@ -106,11 +117,13 @@ class NetEMA(Callback):
         if state is None:  # FSDP loads the state_dict into its wrapped model itself and drops it from the checkpoint
             state = torch.load(trainer.ckpt_path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
         ema = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
-        self.average.module.load_state_dict(ema)
+        # a LoRA run's checkpoint holds the adapter alone (its module checked the keys and loads non-strictly)
+        strict = getattr(pl_module, "strict_loading", True)
+        self.average.module.load_state_dict(ema, strict=strict)
         if isinstance(trainer.strategy, FSDPStrategy):  # the raw weights go through the wrapped model too
             _load_raw_module_state(checkpoint["current_model_state"], trainer.strategy.model, trainer.world_size)
         else:
-            pl_module.load_state_dict(checkpoint["current_model_state"])
+            pl_module.load_state_dict(checkpoint["current_model_state"], strict=strict)
         if self._restored_n_averaged is not None:
             self.average.n_averaged.fill_(self._restored_n_averaged)
 
