@@ -22,9 +22,9 @@ TOLERANCE = 1e-5
 BATCH, TEXT_LEN, COND_SCALE, SEED = 3, 6, 3.0, 1234
 VARIANTS = {
     # small enough for a test fixture: learned time embedding, cosine, x0, extra text/time tokens, NormFormer
-    "fixture": {"net": dict(dim=16, depth=2, dim_head=8, heads=2, ff_mult=2, num_timesteps=64, num_time_embeds=2,
+    "fixture": {"net": dict(dim=16, depth=2, dim_head=8, heads=2, ff_mult=2, num_timesteps=32, num_time_embeds=2,
                             num_image_embeds=1, num_text_embeds=2, max_text_len=5, normformer=True),
-                "prior": dict(image_embed_dim=16, image_size=64, timesteps=64, cond_drop_prob=0.2, loss_type="l2",
+                "prior": dict(image_embed_dim=16, image_size=64, timesteps=32, cond_drop_prob=0.2, loss_type="l2",
                               predict_x_start=True, beta_schedule="cosine", condition_on_text_encodings=True)},
     # the other branches: continuous time MLP, linear schedule, eps prediction (x0 clamped), no rotary, norm_in
     "continuous_eps": {"net": dict(dim=32, depth=2, dim_head=16, heads=4, ff_mult=1, num_timesteps=None,
