@@ -195,7 +195,7 @@ def test_loading_a_converted_stage_builds_its_clip_and_refuses_another(published
 # ------------------------------------------------------------------------------------------ bad input
 def test_bad_folders_get_named_errors_and_write_nothing(tmp_path, published):
     out = tmp_path / "out.ckpt"
-    with pytest.raises(ConversionError, match="unknown kind 'karlo2'; known kinds: kandinsky22_prior, karlo"):
+    with pytest.raises(ConversionError, match="unknown kind 'karlo2'; known kinds: .*kandinsky22_prior, karlo"):
         convert("karlo2", published["folder"], out)
     with pytest.raises(ConversionError, match="has no prior/ \\(the diffusers PriorTransformer\\)"):
         convert("karlo", tmp_path, out, **TINY_CLIP)

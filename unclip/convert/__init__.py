@@ -17,13 +17,13 @@ from unclip.checkpoints import atomic_torch_save
 from unclip.convert.common import ConversionError
 
 USAGE = ("usage: python -m unclip.convert kind=KIND src=DIR out=PATH [clip_model=NAME] [clip_pretrained=TAG|none] "
-         "[clip_init_seed=N]")
+         "[clip_init_seed=N] [weights=FILE]")
 
 
 def kinds() -> dict[str, Callable[[Path, dict], dict]]:
-    from unclip.convert import diffusers_prior
+    from unclip.convert import dalle2_pytorch_prior, diffusers_prior
 
-    return {**diffusers_prior.KINDS}
+    return {**diffusers_prior.KINDS, **dalle2_pytorch_prior.KINDS}
 
 
 def convert(kind_name: str, src: str | Path, out: str | Path, **options) -> Path:
