@@ -57,6 +57,30 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     fsync_dir(path.parent)
 
 
+def atomic_torch_save_all(objects: dict[Path, Any]) -> None:
+    """Several files written together (a converted release's stages): each is first written whole under its
+    temporary name, and only when all are on disk are they renamed into place, so a failure leaves none of them."""
+    written: list[tuple[Path, Path]] = []
+    try:
+        for path, obj in objects.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = partial_path(path)
+            written.append((tmp, path))
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+    except BaseException:
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, path in written:
+        os.replace(tmp, path)
+    for folder in {path.parent for _, path in written}:
+        fsync_dir(folder)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer, made kill-safe for local paths (see :func:`atomic_torch_save`). Lightning's
     own stages the bytes in the system temp dir (often another disk on a cluster: the last step is then a copy

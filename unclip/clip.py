@@ -32,6 +32,7 @@ class TextEncoding:
     z_txt: torch.Tensor  # (B, D) normalised pooled text embedding z_t
     tokens: torch.Tensor  # (B, L, W) token states after the final LayerNorm, before pooling
     mask: torch.Tensor  # (B, L) bool, True for real tokens (start .. end-of-text)
+    pooled: torch.Tensor | None = None  # (B, D) z_t before normalisation (what published pipelines pass on)
 
 
 def register_published(path: str | Path) -> str:
@@ -128,7 +129,11 @@ class FrozenCLIP:
         here in its order (token + positional embedding, causal transformer, final LayerNorm, pooling,
         projection); the test checks the pooled result against ``encode_text``.
         """
-        text = self.tokenize(captions)
+        return self.encode_tokens(self.tokenize(captions))
+
+    @torch.no_grad()
+    def encode_tokens(self, text: torch.Tensor) -> TextEncoding:
+        """:meth:`encode_text` of token ids (B, L) from :meth:`tokenize`."""
         model = self.model
         if hasattr(model, "transformer") and hasattr(model, "token_embedding"):
             cast = model.transformer.get_cast_dtype()
@@ -147,7 +152,7 @@ class FrozenCLIP:
                 tower.output_tokens = previous
         mask = text != 0
         mask[torch.arange(len(text)), text.argmax(-1)] = True  # the end-of-text token is always real
-        return TextEncoding(F.normalize(pooled.float(), dim=-1), x.float(), mask)
+        return TextEncoding(F.normalize(pooled.float(), dim=-1), x.float(), mask, pooled.float())
 
     # ------------------------------------------------------------------------------- images
     def prepare_images(self, images: torch.Tensor) -> torch.Tensor:

@@ -20,13 +20,15 @@ import torch
 import torch.nn.functional as F
 
 
-RESIZE_MODES = ("bicubic", "bilinear", "area", "nearest")
+RESIZE_MODES = ("bicubic", "bilinear", "area", "nearest", "bicubic_aa")
 
 
 def resize(images: torch.Tensor, size: int | tuple[int, int], mode: str = "bicubic", clamp: bool = True) -> torch.Tensor:
     """Resize (B, C, H, W) images to ``size`` (an int: square). ``bicubic``/``bilinear`` are antialiased when
     shrinking (bicubic is the DataModule's ``image_lowres`` downsample); ``area`` is a box filter, which
-    commutes with crops aligned to the scale factor. ``clamp`` cuts bicubic overshoot back to [-1, 1]
+    commutes with crops aligned to the scale factor. ``bicubic_aa`` is antialiased bicubic at every scale: when
+    enlarging, torch's antialiased kernel is PIL's (a = -0.5, not -0.75), the upsampling diffusers'
+    ``UnCLIPPipeline`` feeds karlo's super-resolution nets. ``clamp`` cuts bicubic overshoot back to [-1, 1]
     (off for noise-augmented inputs, which leave that range)."""
     size = (size, size) if isinstance(size, int) else tuple(size)
     if mode not in RESIZE_MODES:
@@ -34,7 +36,8 @@ def resize(images: torch.Tensor, size: int | tuple[int, int], mode: str = "bicub
     if mode in ("area", "nearest"):
         return F.interpolate(images, size=size, mode=mode)
     shrinking = size[0] < images.shape[-2] or size[1] < images.shape[-1]
-    out = F.interpolate(images, size=size, mode=mode, align_corners=False, antialias=shrinking)
+    antialias = shrinking or mode == "bicubic_aa"
+    out = F.interpolate(images, size=size, mode=mode.removesuffix("_aa"), align_corners=False, antialias=antialias)
     return out.clamp(-1, 1) if clamp else out
 
 

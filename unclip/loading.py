@@ -164,7 +164,7 @@ def build_stage(checkpoint: dict, path: Path, clip=None, device: str | torch.dev
     cls = registry.stage_class(hparams.get("kind"), checkpoint.get("stage_class"))  # imports a stage defined elsewhere
     if not getattr(cls, "loadable", True):
         raise ValueError(f"{path} is a {hparams.get('kind')!r} checkpoint; unclip.load opens {', '.join(registry.loadable_kinds())}")
-    needs_clip = hparams.get("kind") == "decoder" or hparams.get("use_token_states", False)
+    needs_clip = registry.plays(hparams.get("kind"), "decoder") or hparams.get("use_token_states", False)
     if needs_clip:
         # a published stage's CLIP is published beside it (ARTIFACTS/clip/NAME.pt)
         search = (path.resolve().parent.parent / "clip", Path(artifacts) / "clip")

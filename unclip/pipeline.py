@@ -86,7 +86,7 @@ def inverted_guidance(inverted: bool, guidance: float | None) -> float | None:
 
 def expect_stage(module, role: str, spec) -> object:
     """``module`` if it plays ``role`` (``prior``: any registered prior kind; else the kind itself)."""
-    fits = registry.is_prior(module.kind) if role == "prior" else module.kind == role
+    fits = registry.is_prior(module.kind) if role == "prior" else registry.plays(module.kind, role)
     if not fits:
         raise ValueError(f"{role}={spec} is a {module.kind} stage, not a {role}")
     return module
@@ -176,7 +176,7 @@ class UnCLIPPipeline:
 
     @property
     def image_size(self) -> int:
-        return self.upsamplers[-1].target_size if self.upsamplers else self.decoder.net.config.image_size
+        return self.upsamplers[-1].image_size if self.upsamplers else self.decoder.net.config.image_size
 
     # --------------------------------------------------------------------------------- stages
     def generator(self, seed: int | None, generator: torch.Generator | None) -> torch.Generator:

@@ -63,6 +63,13 @@ def is_prior(kind: str) -> bool:
     return bool(getattr(STAGES.get(kind), "is_prior", False))
 
 
+def plays(kind: str, role: str) -> bool:
+    """Whether stages of ``kind`` can stand where a ``role`` stage is asked for (``decoder``, ``upsampler``): the
+    role's own kind, or a class derived from it (a published decoder is a decoder with another net)."""
+    cls, base = STAGES.get(kind), STAGES.get(role)
+    return kind == role or (cls is not None and base is not None and issubclass(cls, base))
+
+
 def prior_kinds() -> list[str]:
     return sorted(k for k in STAGES if is_prior(k))
 

@@ -30,9 +30,11 @@ PUBLISHED_STEPS = 25       # both pipelines' prior_num_inference_steps / num_inf
 PUBLISHED_GUIDANCE = 4.0   # both pipelines' prior_guidance_scale / guidance_scale
 
 
-def read_scheduler(src: Path) -> tuple[dict, dict]:
-    """(diffusion config, sampler config) from the published scheduler config."""
-    folder = component(src, "prior_scheduler", "scheduler", what="the prior's scheduler config")
+def read_scheduler(src: Path, folders: tuple[str, ...] = ("prior_scheduler", "scheduler"), what: str = "the prior's",
+                   steps: int = PUBLISHED_STEPS, guidance: float = PUBLISHED_GUIDANCE) -> tuple[dict, dict]:
+    """(diffusion config, sampler config) from the published scheduler config (the first of ``folders``); the
+    sampler takes the published pipeline's ``steps`` and ``guidance``."""
+    folder = component(src, *folders, what=f"{what} scheduler config")
     config = read_json(folder / "scheduler_config.json")
     name = config.get("_class_name", "a scheduler")
 
@@ -48,7 +50,7 @@ def read_scheduler(src: Path) -> tuple[dict, dict]:
                  "beta_start": float(config.get("beta_start", 1e-4)), "beta_end": float(config.get("beta_end", 0.02)),
                  "prediction": pick(PREDICTIONS, "prediction_type", "epsilon"),
                  "variance": pick(VARIANCES, "variance_type", "fixed_small_log")}
-    sampler = {"kind": "ddpm", "steps": f"linspace{PUBLISHED_STEPS}", "eta": 0.0, "guidance_scale": PUBLISHED_GUIDANCE,
+    sampler = {"kind": "ddpm", "steps": f"linspace{steps}", "eta": 0.0, "guidance_scale": float(guidance),
                "clip_denoised": bool(config.get("clip_sample", True)),
                "clip_range": float(config.get("clip_sample_range", 1.0)), "dynamic_threshold": None, "progress": False}
     return diffusion, sampler

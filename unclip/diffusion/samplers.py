@@ -106,7 +106,10 @@ def ddpm_sample(model_fn: ModelFn, diffusion: GaussianDiffusion, x_T: torch.Tens
     x = x_T
     for i in _steps(diffusion, progress, "ddpm"):
         index, t = step_t(diffusion, i, x)
-        x, _ = ddpm_step(diffusion, model_fn(x, t), x, index, _noise_like(x, generator), denoise_fn)
+        # the last step adds no noise: none is drawn for it (as diffusers' schedulers), so a generator shared by
+        # several stages (prior, decoder, upsampler) is at the same place after each as in diffusers' pipelines
+        noise = _noise_like(x, generator) if i > 0 else torch.zeros_like(x)
+        x, _ = ddpm_step(diffusion, model_fn(x, t), x, index, noise, denoise_fn)
     return x
 
 

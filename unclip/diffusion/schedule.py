@@ -126,6 +126,10 @@ class GaussianDiffusion:
         self.log_betas_large = torch.cat([self.posterior_log_variance[1:2], self.log_betas[1:]])
         self.posterior_mean_coef1 = self.betas * self.alphas_cumprod_prev.sqrt() / (1 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1 - self.alphas_cumprod_prev) * alphas.sqrt() / (1 - self.alphas_cumprod)
+        # x0 <-> eps in float64 tables (as guided-diffusion): 1 - abar taken in float32 near t = 0 (abar ~ 1 - 4e-5)
+        # keeps ~3 digits, which an eps model's x0 at the last step inherits
+        self.sqrt_recip_alphas_cumprod = (1 / self.alphas_cumprod).sqrt()
+        self.sqrt_recipm1_alphas_cumprod = (1 / self.alphas_cumprod - 1).sqrt()
         self._tables: dict[tuple, torch.Tensor] = {}
 
     @classmethod
@@ -167,12 +171,11 @@ class GaussianDiffusion:
 
     # ----------------------------------------------------------------------------- parameterisations
     def x0_from_eps(self, x_t, t, eps):
-        abar = self.take("alphas_cumprod", t, x_t)
-        return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+        """x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) (DDPM eq. 15)."""
+        return self.take("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self.take("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
 
     def eps_from_x0(self, x_t, t, x0):
-        abar = self.take("alphas_cumprod", t, x_t)
-        return (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+        return (self.take("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x0) / self.take("sqrt_recipm1_alphas_cumprod", t, x_t)
 
     def v_target(self, x0, eps, t):
         """v = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho 2022, §4)."""

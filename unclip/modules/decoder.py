@@ -35,11 +35,8 @@ class DecoderModule(UnclipModule):
         if clip is None:
             raise ValueError("the decoder needs the run's frozen CLIP (model.needs_clip=true): it scores decoded images "
                              "and, with text_cond, encodes captions")
-        net = dict(net)
-        net["text_width"] = clip.text_width if text_cond else 0
-        net["learn_sigma"] = diffusion.get("variance") == "learned_range"
         self.clip, self.text_cond = clip, text_cond
-        self.net = UNet(net)
+        self.net = self.build_net(dict(net), diffusion)
         self.diffusion = GaussianDiffusion.from_config(**diffusion)
         self.sampler = Sampler(**sampler)
         self.image_drop_prob, self.text_drop_prob, self.val_images = image_drop_prob, text_drop_prob, val_images
@@ -51,6 +48,13 @@ class DecoderModule(UnclipModule):
         # images against the attributes of the images whose z_i they decode
         # (held in a plain dict: as a submodule it would land in every checkpoint)
         self.attribute_classifier_path, self.evaluators = attribute_classifier, {}
+
+    def build_net(self, net: dict, diffusion: dict):
+        """The denoiser, called ``net(x_t, t, z, tokens, mask, drop_image, drop_text)``: unclip's UNet, sized for
+        the CLIP's caption tokens and the diffusion's variance (a subclass may bring another net)."""
+        net["text_width"] = self.clip.text_width if self.text_cond else 0
+        net["learn_sigma"] = diffusion.get("variance") == "learned_range"
+        return UNet(net)
 
     def trainable_parameters(self):
         return self.net.parameters()

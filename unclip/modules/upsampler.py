@@ -62,9 +62,7 @@ class UpsamplerModule(UnclipModule):
         self.crop_size = crop_size or image_size
         aligned_offsets(1, image_size, self.crop_size, self.factor)  # fails now, not at the first step, on a bad crop
         self.noise_aug = dict(noise_aug) if noise_aug else None
-        net.update(embed_dim=0, text_width=0, lowres_channels=net.get("in_channels", 3),
-                   learn_sigma=diffusion.get("variance") == "learned_range", aug_level_embed=self.noise_aug is not None)
-        self.net = UNet(net)
+        self.net = self.build_net(net, diffusion)
         self.diffusion = GaussianDiffusion.from_config(**diffusion)
         if self.noise_aug and not 0 <= self.noise_aug["sample_step"] <= self.noise_aug["max_step"] < self.diffusion.num_timesteps:
             raise ValueError(f"noise_aug needs 0 <= sample_step <= max_step < diffusion.num_timesteps "
@@ -80,6 +78,13 @@ class UpsamplerModule(UnclipModule):
                                    "degradation": dict(degradation) if degradation else None, "noise_aug": self.noise_aug,
                                    "residual": residual})
         self.val_store: dict[str, dict[str, list]] = {}
+
+    def build_net(self, net: dict, diffusion: dict):
+        """The denoiser, called ``net(x_t, t, lowres=..., aug_level=...)``: unclip's UNet with the low-res image
+        as extra input channels (a subclass may bring another net)."""
+        net.update(embed_dim=0, text_width=0, lowres_channels=net.get("in_channels", 3),
+                   learn_sigma=diffusion.get("variance") == "learned_range", aug_level_embed=self.noise_aug is not None)
+        return UNet(net)
 
     def trainable_parameters(self):
         return self.net.parameters()
