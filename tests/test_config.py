@@ -24,14 +24,21 @@ def test_every_model_composes_and_resolves(model, tmp_path):
     import unclip.training  # noqa: F401  (registers the resolvers train.py uses)
 
     extra = []
-    if model == "published_prior":  # takes its net, process and sampler from the converted stage it fine-tunes
-        from test_convert import TINY_CLIP, tiny_published_prior, write_published
+    if model in ("published_prior", "dalle2_pytorch_prior"):  # net, process and sampler come from the converted stage
         from unclip.convert import convert
 
         with pytest.raises(Exception, match="pass init_from=PATH"):
             OmegaConf.to_container(compose_train(f"model={model}"), resolve=True)
-        write_published(tmp_path, tiny_published_prior())
-        extra = [f"init_from={convert('karlo', tmp_path, tmp_path / 'karlo.ckpt', **TINY_CLIP)}"]
+        if model == "published_prior":
+            from test_convert import TINY_CLIP, tiny_published_prior, write_published
+
+            write_published(tmp_path, tiny_published_prior())
+            stage = convert("karlo", tmp_path, tmp_path / "karlo.ckpt", **TINY_CLIP)
+        else:
+            from test_convert_laion import TINY_CLIP, write_folder
+
+            stage = convert("dalle2_pytorch_prior", write_folder(tmp_path / "laion"), tmp_path / "laion.ckpt", **TINY_CLIP)
+        extra = [f"init_from={stage}"]
     cfg = compose_train(f"model={model}", "trainer.max_steps=2", *extra)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert resolved["trainer"]["max_steps"] == 2 and resolved["model"]["name"] == model
