@@ -24,7 +24,7 @@ def test_every_model_composes_and_resolves(model, tmp_path):
     import unclip.training  # noqa: F401  (registers the resolvers train.py uses)
 
     extra = []
-    if model in ("published_prior", "dalle2_pytorch_prior"):  # net, process and sampler come from the converted stage
+    if model in ("published_prior", "dalle2_pytorch_prior", "published_decoder", "published_upsampler"):  # net, process and sampler come from the converted stage
         from unclip.convert import convert
 
         with pytest.raises(Exception, match="pass init_from=PATH"):
@@ -34,6 +34,13 @@ def test_every_model_composes_and_resolves(model, tmp_path):
 
             write_published(tmp_path, tiny_published_prior())
             stage = convert("karlo", tmp_path, tmp_path / "karlo.ckpt", **TINY_CLIP)
+        elif model in ("published_decoder", "published_upsampler"):
+            from test_convert import TINY_CLIP
+            from test_convert_karlo import write_karlo
+
+            write_karlo(tmp_path / "karlo")
+            part = model.split("_")[1]
+            stage = convert("karlo", tmp_path / "karlo", tmp_path / f"{part}.ckpt", part=part, **TINY_CLIP)
         else:
             from test_convert_laion import TINY_CLIP, write_folder
 

@@ -252,3 +252,26 @@ def test_a_run_stored_before_finetune_existed_resumes_as_full_fine_tuning():
     assert training.config_differences(stored, current) == []
     lora = {**current, "finetune": {**current["finetune"], "method": "lora"}}
     assert training.config_differences(stored, lora) == ["finetune.method: 'full' -> 'lora'"]
+
+
+# ------------------------------------------------------------------------------- karlo's decoder and upsampler
+@pytest.mark.slow
+def test_karlos_converted_decoder_and_upsampler_fine_tune_from_their_stages(shapes_dir, cache_dir, tmp_path):
+    from test_convert_karlo import write_karlo
+    from unclip.convert import convert
+
+    write_karlo(tmp_path / "karlo")
+    stages_dir = convert("karlo", tmp_path / "karlo", tmp_path / "karlo_stages", clip_model="unclip-tiny",
+                         clip_pretrained="none")
+    for model, part, extra in (("published_decoder", "decoder", ["clip=unclip_tiny", "trainer.limit_val_batches=0"]),
+                               ("published_upsampler", "upsampler", ["trainer.limit_val_batches=0"])):
+        stage = stages_dir / f"{part}.ckpt"
+        fit(tmp_path, shapes_dir, cache_dir, f"model={model}", f"init_from={stage}", *extra, "experiment.name=karlo",
+            "run.name=still", "optim.optimizer.lr=0", "trainer.max_steps=1")
+        base, still = (read_stage(p)["state_dict"] for p in (stage, tmp_path / "artifacts" / model / "karlo.ckpt"))
+        assert set(still) == set(base) and all(torch.equal(still[k], base[k]) for k in base), model  # lr 0: the stage itself
+        run = fit(tmp_path, shapes_dir, cache_dir, f"model={model}", f"init_from={stage}", *extra, "experiment.name=karlo",
+                  "run.name=moved", "trainer.max_steps=2")
+        moved = read_stage(tmp_path / "artifacts" / model / "karlo.ckpt")
+        assert any(not torch.equal(moved["state_dict"][k], base[k]) for k in base), model  # it trained
+        assert last(run)["global_step"] == 2 and moved["hyper_parameters"]["source"] == "karlo"

@@ -41,7 +41,10 @@ def stage_hparam(spec: str | None, key: str):
     if not spec:
         raise ValueError(f"this model config takes its {key} from the stage it fine-tunes: pass init_from=PATH (a stage "
                          f"written by `python -m unclip.convert` or by training)")
-    return read_stage(resolve(spec)).get("hyper_parameters", {}).get(key)
+    value = read_stage(resolve(spec)).get("hyper_parameters", {})
+    for part in key.split("."):  # a dotted key reads into nested hyperparameters: net.unet.sample_size
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
 
 
 OmegaConf.register_new_resolver("stage_hparam", stage_hparam, replace=True, use_cache=True)
