@@ -235,7 +235,7 @@ def run_breakdown(cfg: DictConfig, clip) -> list[dict]:
                 if upsamplers:
                     pixels = upsample(pipe, pixels, seed, batch_size)
                 rows += score_rows(name, split, predict(classifier, pixels), pool)
-    write(rows, Path(cfg.out))
+            write(rows, Path(cfg.out))  # after each split: a long run's first half is on disk early
     return rows
 
 
