@@ -21,7 +21,7 @@ ROOT = TESTS.parent
 
 
 def test_builtin_kinds_register_themselves_with_their_aliases():
-    assert registry.prior_kinds() == ["ar_prior", "contrastive_prior", "diffusion_prior", "published_prior"]
+    assert registry.prior_kinds() == ["ar_prior", "contrastive_prior", "dalle2_pytorch_prior", "diffusion_prior", "published_prior"]
     assert {"decoder", "upsampler", "clip"} <= set(registry.STAGES)
     assert registry.canonical("diffusion") == "diffusion_prior" and registry.canonical("decoder") == "decoder"
     assert "clip" not in registry.loadable_kinds() and "decoder" in registry.loadable_kinds()

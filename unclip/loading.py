@@ -151,8 +151,6 @@ def load(spec: str | Path, clip=None, device: str | torch.device = "cpu", artifa
     path = resolve(spec, artifacts)
     checkpoint = read_stage(path)
     if (checkpoint.get("hyper_parameters") or {}).get("lora"):
-        from unclip.lora import load_lora  # peft is needed for LoRA checkpoints only
-
         return load_lora(path, checkpoint, clip=clip, device=device, artifacts=artifacts, base=base)
     return build_stage(checkpoint, path, clip=clip, device=device, artifacts=artifacts)
 
@@ -175,5 +173,42 @@ def build_stage(checkpoint: dict, path: Path, clip=None, device: str | torch.dev
     module.load_state_dict(checkpoint["state_dict"])
     module.hparams["clip"] = hparams.get("clip", {})
     module.hparams["eval"] = hparams.get("eval", {})  # the model config's evaluation settings
+    module.checkpoint_path = str(path)
+    return module.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------- LoRA checkpoints
+def find_base(base: dict, adapter_path: Path, artifacts: str | Path, override: str | Path | None = None) -> Path:
+    """The base stage of an adapter: ``override``, else its recorded path, its spec (a path or KIND/NAME under
+    ``artifacts``), or a file of the same name beside the adapter (a folder moved whole)."""
+    if override is not None:
+        return resolve(override, artifacts)
+    candidates = [Path(base.get("path", "")), Path(adapter_path).parent / Path(base.get("path", "")).name]
+    for candidate in candidates:
+        if candidate.name and candidate.is_file():
+            return candidate
+    try:
+        return resolve(base.get("spec", ""), artifacts)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"the base stage of LoRA adapter {adapter_path} is gone: neither {base.get('path')} nor "
+                                f"{base.get('spec')!r} (under {artifacts}) exists; pass base=PATH") from None
+
+
+def load_lora(path: Path, checkpoint: dict, clip=None, device="cpu", artifacts: str | Path = "outputs/artifacts",
+              base: str | Path | None = None):
+    """The stage of a LoRA checkpoint: built from its own hyperparameters, the base's weights loaded, the
+    adapter applied on top and loaded. Refuses (:class:`BaseMismatchError`) a base of other weights."""
+    from unclip.adapters import apply_lora, check_adapter_state, check_base, state_sha256  # peft: LoRA stages only
+
+    hparams = checkpoint["hyper_parameters"]
+    lora = hparams["lora"]
+    base_path = find_base(lora["base"], path, artifacts, base)
+    base_state = read_stage(base_path)["state_dict"]
+    check_base(lora["base"], {"sha256": state_sha256(base_state)}, path, base_path)
+    module = build_stage({**checkpoint, "state_dict": base_state}, base_path, clip=clip, device=device, artifacts=artifacts)
+    apply_lora(module, lora["rank"], lora["alpha"], lora["dropout"], lora["targets"])
+    check_adapter_state(module, checkpoint["state_dict"], str(path))
+    module.load_state_dict(checkpoint["state_dict"], strict=False)
+    module.hparams["lora"] = lora
     module.checkpoint_path = str(path)
     return module.to(device).eval()

@@ -16,77 +16,19 @@ the base's weights, applies the adapter on top, and refuses a base whose sha256 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import sys
 from pathlib import Path
 
-import torch
-
 from unclip import registry
+from unclip.adapters import BaseMismatchError, apply_lora, check_base, merge, state_sha256, target_patterns
 
 log = logging.getLogger(__name__)
+__all__ = ["BaseMismatchError", "apply_lora", "merge", "merge_file", "main", "start", "state_sha256"]
 USAGE = "usage: python -m unclip.lora merge src=LORA.ckpt out=PLAIN.ckpt [base=BASE.ckpt] [artifacts=DIR]"
 
 
-class BaseMismatchError(ValueError):
-    """A LoRA adapter offered a base stage other than the one it was trained on."""
-
-
-def state_sha256(state: dict[str, torch.Tensor]) -> str:
-    """sha256 over the sorted names and tensor bytes (as a CLIP's identity): paths are not part of it."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(state.items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 # ------------------------------------------------------------------------------------------- injecting
-def target_patterns(kind: str, targets: list[str] | None, default_targets: dict | None) -> list[str]:
-    """The module-name patterns of a run: ``finetune.targets``, else the stage kind's defaults."""
-    patterns = list(targets) if targets else list((default_targets or {}).get(kind) or [])
-    if not patterns:
-        raise ValueError(f"finetune=lora has no default targets for a {kind} stage (defaults exist for "
-                         f"{', '.join(sorted(default_targets or {}))}); set finetune.targets=['REGEX', ...] "
-                         f"(regexes matched against module names inside model.net)")
-    return patterns
-
-
-def apply_lora(module, rank: int, alpha: float, dropout: float, targets: list[str]) -> list[str]:
-    """Injects LoRA layers into ``module.net`` (in place: the net keeps its class and methods) at the modules
-    whose full name inside the net matches one of ``targets`` (regexes), and freezes everything but them.
-    Returns the adapted module names."""
-    try:
-        from peft import LoraConfig, inject_adapter_in_model
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError as error:
-        raise ImportError("finetune=lora and LoRA checkpoints need peft: pip install -e '.[finetune]'") from error
-    if int(rank) < 1:
-        raise ValueError(f"finetune.rank must be a positive integer, got {rank}")
-    pattern = "|".join(f"(?:{p})" for p in targets)  # peft full-matches one regex against each module name
-    config = LoraConfig(r=int(rank), lora_alpha=float(alpha), lora_dropout=float(dropout), target_modules=pattern,
-                        bias="none")
-    module.requires_grad_(False)
-    try:
-        inject_adapter_in_model(config, module.net)
-    except ValueError as error:
-        if "not found in the base model" not in str(error):
-            raise
-        layers = [n for n, m in module.net.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d))]
-        raise ValueError(f"finetune.targets {targets} match no layer of the {module.kind} net; its Linear/Conv layers are "
-                         f"named e.g. {', '.join(layers[:8])}{', ...' if len(layers) > 8 else ''}") from error
-    adapted = [n for n, m in module.net.named_modules() if isinstance(m, BaseTunerLayer)]
-    # only the adapter trains; a non-strict load lets a checkpoint hold the adapter alone (checked by check_adapter_state)
-    module.strict_loading = False
-    return adapted
-
-
-def adapter_keys(module) -> set[str]:
-    """The state-dict names of what trains in a LoRA run: the adapter's parameters."""
-    return {name for name, p in module.named_parameters() if p.requires_grad}
-
-
 def start(module, finetune: dict, spec: str | None, base_path: Path | None, base_state: dict | None,
           resumed: str | None = None) -> None:
     """Turns a module holding its base's weights into a LoRA run: adapter injected, hyperparameters naming
@@ -112,96 +54,14 @@ def start(module, finetune: dict, spec: str | None, base_path: Path | None, base
              module.kind, trained, sum(p.numel() for p in module.parameters()))
 
 
-def check_base(expected: dict, found: dict, adapter: str | Path, base_path: str | Path) -> None:
-    if expected.get("sha256") and expected["sha256"] != found["sha256"]:
-        raise BaseMismatchError(f"the LoRA adapter {adapter} was trained on the {expected.get('kind')} stage "
-                                f"{expected.get('path')} (weights sha256 {expected['sha256'][:12]}), but {base_path} holds "
-                                f"other weights (sha256 {found['sha256'][:12]}); give it the base it was trained on "
-                                f"(unclip.load(..., base=PATH), merge base=PATH, or init_from=PATH on resume)")
-
-
 # ---------------------------------------------------------------------------------------- checkpoints
-def keep_adapter(module, checkpoint: dict) -> None:
-    """A LoRA run's checkpoint keeps only the adapter's tensors (EMA and raw alike): the base is named by
-    its identity in ``hyper_parameters['lora']``, not copied."""
-    keys = adapter_keys(module)
-    for field in ("state_dict", "current_model_state"):
-        if field in checkpoint:
-            checkpoint[field] = {k: v for k, v in checkpoint[field].items() if k in keys}
-
-
-def check_adapter_state(module, state: dict, source: str = "the checkpoint") -> None:
-    """Refuses a state that is not exactly this run's adapter (another rank or targets, or a full stage)."""
-    keys = adapter_keys(module)
-    missing, unexpected = sorted(keys - set(state)), sorted(set(state) - keys)
-    if missing or unexpected:
-        raise ValueError(f"{source} does not hold this LoRA run's adapter: missing {missing[:6] or 'none'}, unexpected "
-                         f"{unexpected[:6] or 'none'} (a different finetune.rank/targets, or not a LoRA checkpoint)")
-    shapes = [k for k in keys if tuple(state[k].shape) != tuple(module.state_dict()[k].shape)]
-    if shapes:
-        raise ValueError(f"{source}: adapter tensors of another shape (another finetune.rank?): {sorted(shapes)[:6]}")
-
-
 # -------------------------------------------------------------------------------------------- loading
-def find_base(base: dict, adapter_path: Path, artifacts: str | Path, override: str | Path | None = None) -> Path:
-    """The base stage of an adapter: ``override``, else its recorded path, its spec (a path or KIND/NAME under
-    ``artifacts``), or a file of the same name beside the adapter (a folder moved whole)."""
-    from unclip.loading import resolve
-
-    if override is not None:
-        return resolve(override, artifacts)
-    candidates = [Path(base.get("path", "")), Path(adapter_path).parent / Path(base.get("path", "")).name]
-    for candidate in candidates:
-        if candidate.name and candidate.is_file():
-            return candidate
-    try:
-        return resolve(base.get("spec", ""), artifacts)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"the base stage of LoRA adapter {adapter_path} is gone: neither {base.get('path')} nor "
-                                f"{base.get('spec')!r} (under {artifacts}) exists; pass base=PATH") from None
-
-
-def load_lora(path: Path, checkpoint: dict, clip=None, device="cpu", artifacts: str | Path = "outputs/artifacts",
-              base: str | Path | None = None):
-    """The stage of a LoRA checkpoint: built from its own hyperparameters, the base's weights loaded, the
-    adapter applied on top and loaded. Refuses (:class:`BaseMismatchError`) a base of other weights."""
-    from unclip.loading import build_stage, read_stage
-
-    hparams = checkpoint["hyper_parameters"]
-    lora = hparams["lora"]
-    base_path = find_base(lora["base"], path, artifacts, base)
-    base_state = read_stage(base_path)["state_dict"]
-    check_base(lora["base"], {"sha256": state_sha256(base_state)}, path, base_path)
-    module = build_stage({**checkpoint, "state_dict": base_state}, base_path, clip=clip, device=device, artifacts=artifacts)
-    apply_lora(module, lora["rank"], lora["alpha"], lora["dropout"], lora["targets"])
-    check_adapter_state(module, checkpoint["state_dict"], str(path))
-    module.load_state_dict(checkpoint["state_dict"], strict=False)
-    module.hparams["lora"] = lora
-    module.checkpoint_path = str(path)
-    return module.to(device).eval()
-
-
 # -------------------------------------------------------------------------------------------- merging
-@torch.no_grad()
-def merge(module):
-    """Folds each adapter into its base layer (peft's ``merge``: W = W0 + (alpha / r) B A) and puts the plain
-    layer back in its place, so the net's names and classes are the base's again."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for name, layer in [(n, m) for n, m in module.net.named_modules() if isinstance(m, BaseTunerLayer)]:
-        layer.merge()
-        parent, _, leaf = name.rpartition(".")
-        setattr(module.net.get_submodule(parent) if parent else module.net, leaf, layer.get_base_layer())
-    module.hparams.pop("lora", None)
-    module.strict_loading = True
-    return module
-
-
 def merge_file(src: str | Path, out: str | Path, base: str | Path | None = None,
                artifacts: str | Path = "outputs/artifacts") -> Path:
     """Writes the plain stage of a LoRA checkpoint: the merged weights, its hyperparameters without ``lora``
     (``merged_from`` names the adapter and its base, for information)."""
-    from unclip.checkpoints import atomic_torch_save
+    from unclip.atomic import atomic_torch_save
     from unclip.loading import load, read_stage, resolve
 
     src_path = resolve(src, artifacts)

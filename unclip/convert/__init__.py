@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from unclip.checkpoints import atomic_torch_save, atomic_torch_save_all
+from unclip.atomic import atomic_torch_save, atomic_torch_save_all
 from unclip.convert.common import ConversionError
 
 USAGE = ("usage: python -m unclip.convert kind=KIND src=DIR out=PATH|FOLDER [part=prior|decoder|upsampler|all] "

@@ -144,13 +144,13 @@ class UnclipModule(pl.LightningModule):
         # where the class lives, so unclip.load finds a stage defined outside unclip (a str: weights_only-safe)
         checkpoint["stage_class"] = registry.qualified_name(type(self))
         if self.hparams.get("lora"):  # a LoRA run's checkpoints hold its adapter alone (unclip.lora)
-            from unclip.lora import keep_adapter
+            from unclip.adapters import keep_adapter
 
             keep_adapter(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.hparams.get("lora") and checkpoint.get("state_dict") is not None:
-            from unclip.lora import check_adapter_state
+            from unclip.adapters import check_adapter_state
 
             check_adapter_state(self, checkpoint["state_dict"], "the checkpoint resumed")
 
