@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -33,7 +32,7 @@ from unclip.data.shapes import VOCAB, with_articles
 from unclip.eval.attributes import CellPredictions, load_classifier, named_objects, predict, score_predictions
 from unclip.eval.attributes.net import EMPTY
 from unclip.eval.baselines import load_prior
-from unclip.eval.generation import batches, seeded, stage_sampler, with_prior
+from unclip.eval.generation import batches, decode_embeddings, sample_embeddings, seeded, with_prior
 from unclip.eval.protocol import val_pool
 from unclip.eval.settings import settings_of
 from unclip.eval.tables import json_safe, markdown
@@ -165,20 +164,6 @@ def zero_shot_rows(clip, split: str, pool: Pool) -> list[dict]:
 
 # ----------------------------------------------------------------------------------- generation
 @torch.no_grad()
-def decode(pipe: UnCLIPPipeline, z_img: torch.Tensor, captions: Sequence[str], seed: int, settings: dict,
-           batch_size: int) -> torch.Tensor:
-    """Pixels at the decoder's resolution, batch b from a generator seeded by (seed, "decoder", b) as in
-    every image evaluation."""
-    out = []
-    for index, rows in batches(len(z_img), batch_size):
-        generator = seeded(seed, "decoder", index, device=pipe.device)
-        text = list(captions[rows]) if pipe.decoder.text_cond else None
-        out.append(pipe.decoder.sample(z_img[rows].to(pipe.device), text, generator, settings.get("guidance_scale"),
-                                       settings.get("steps"), eta=settings.get("eta")).float().cpu())
-    return torch.cat(out)
-
-
-@torch.no_grad()
 def upsample(pipe: UnCLIPPipeline, pixels: torch.Tensor, seed: int, batch_size: int) -> torch.Tensor:
     """The pixels through every upsampler in turn (seeded by (seed, "upsampler", b))."""
     out = []
@@ -188,17 +173,6 @@ def upsample(pipe: UnCLIPPipeline, pixels: torch.Tensor, seed: int, batch_size: 
         for upsampler in pipe.upsamplers:
             x = upsampler.upsample(x, generator=generator)
         out.append(x.float().cpu())
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def prior_embeddings(pipe: UnCLIPPipeline, captions: Sequence[str], seed: int, settings: dict, batch_size: int) -> torch.Tensor:
-    """ẑ_i, unit norm, for each caption (seeded by (seed, "prior", b))."""
-    out = []
-    for index, rows in batches(len(captions), batch_size):
-        cond = pipe.text_embeddings(list(captions[rows]))
-        generator = seeded(seed, "prior", index, device=pipe.device)
-        out.append(F.normalize(pipe.prior.sample(cond, generator, **settings).float(), dim=-1))
     return torch.cat(out)
 
 
@@ -219,23 +193,22 @@ def run_breakdown(cfg: DictConfig, clip) -> list[dict]:
     prior_settings = {k: v for k, v in settings_of(cfg.prior_settings).items() if v is not None}
     priors = [load_prior(spec, clip, cfg.paths.artifacts, cfg.data.cache_dir) for spec in cfg.priors]
     pools = load_pools(cfg, decoder.net.config.image_size, int(cfg.breakdown_pool))
+    plain = UnCLIPPipeline(clip, decoder, None)  # the decoder alone: its own resolution, for decoder_true_zi
     rows = []
-    with stage_sampler(decoder, decoder_settings.get("sampler")):
-        for split, pool in pools.items():
-            log.info("breakdown: %s, %d pairs", split, len(pool))
-            rows += score_rows("real", split, predict(classifier, pool.images), pool)
-            rows += zero_shot_rows(clip, split, pool)
-            decoded = decode(pipe, pool.z_img, pool.captions, seed, decoder_settings, batch_size)
-            rows += score_rows("decoder_true_zi", split, predict(classifier, decoded), pool)
-            if upsamplers:
-                rows += score_rows("upsampled", split, predict(classifier, upsample(pipe, decoded, seed, batch_size)), pool)
-            for name, prior in zip(stage_labels(cfg.priors, priors), priors):
-                z_img = prior_embeddings(with_prior(pipe, prior), pool.captions, seed, prior_settings, batch_size)
-                pixels = decode(pipe, z_img, pool.captions, seed, decoder_settings, batch_size)
-                if upsamplers:
-                    pixels = upsample(pipe, pixels, seed, batch_size)
-                rows += score_rows(name, split, predict(classifier, pixels), pool)
-            write(rows, Path(cfg.out))  # after each split: a long run's first half is on disk early
+    for split, pool in pools.items():
+        log.info("breakdown: %s, %d pairs", split, len(pool))
+        rows += score_rows("real", split, predict(classifier, pool.images), pool)
+        rows += zero_shot_rows(clip, split, pool)
+        decoded, _ = decode_embeddings(plain, pool.z_img, pool.captions, seed, decoder_settings, batch_size)
+        rows += score_rows("decoder_true_zi", split, predict(classifier, decoded), pool)
+        if upsamplers:
+            rows += score_rows("upsampled", split, predict(classifier, upsample(pipe, decoded, seed, batch_size)), pool)
+        for name, prior in zip(stage_labels(cfg.priors, priors), priors):
+            prior_pipe = with_prior(pipe, prior)
+            z_img, _ = sample_embeddings(prior_pipe, pool.captions, seed, prior_settings, batch_size)
+            pixels, _ = decode_embeddings(prior_pipe, z_img, pool.captions, seed, decoder_settings, batch_size)
+            rows += score_rows(name, split, predict(classifier, pixels), pool)
+        write(rows, Path(cfg.out))  # after each split: a long run's first half is on disk early
     return rows
 
 
