@@ -174,3 +174,32 @@ def test_a_channels_last_unet_computes_what_the_plain_one_does_and_keeps_its_wei
     pairs = [(a.grad, b.grad) for a, b in zip(plain.parameters(), fast.parameters()) if a.grad is not None or b.grad is not None]
     assert pairs and all(a is not None and b is not None and torch.allclose(a, b, atol=1e-4) for a, b in pairs)
     assert {k: v.shape for k, v in fast.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+
+
+def test_unet_attention_equals_the_textbook_formula_and_feeds_the_fused_kernel_contiguous_heads(monkeypatch):
+    """Pixels and context tokens attend as softmax(q kᵀ/√d) v with the block's 1x1 convolutions as q, k, v;
+    the fused kernel gets q, k, v with the head dimension contiguous (else a CPU falls back to the math path)."""
+    import torch.nn.functional as F
+
+    from unclip.nets.unet import AttentionBlock
+
+    torch.manual_seed(0)
+    block = randomise_zero_layers(AttentionBlock(32, 16, context_dim=24, groups=8))
+    x, context = torch.randn(2, 32, 4, 4), torch.randn(2, 3, 24)
+    valid = torch.tensor([[True, True, False], [True, True, True]])
+    qkv = F.conv1d(block.norm(x).flatten(2), block.qkv.weight, block.qkv.bias).view(2, 3, 2, 16, 16)
+    q, k, v = (part.transpose(-1, -2) for part in qkv.unbind(1))          # (B, heads, HW, d)
+    ck, cv = block.context_kv(context).view(2, 3, 2, 2, 16).permute(2, 0, 3, 1, 4)
+    k, v = torch.cat([ck, k], 2), torch.cat([cv, v], 2)
+    scores = (q @ k.transpose(-1, -2)) / 4.0
+    keys_valid = torch.cat([valid, torch.ones(2, 16, dtype=torch.bool)], 1)[:, None, None]
+    y = scores.masked_fill(~keys_valid, float("-inf")).softmax(-1) @ v
+    expected = x + F.conv1d(y.transpose(-1, -2).reshape(2, 32, 16), block.proj.weight, block.proj.bias).view_as(x)
+    strides = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: (strides.append((q.stride(-1), k.stride(-1), v.stride(-1))), real(q, k, v, **kw))[1])
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, context, valid), expected, atol=1e-5, rtol=1e-5)
+    assert strides == [(1, 1, 1)]
+    torch.testing.assert_close(block(x, context, valid), expected, atol=1e-5, rtol=1e-5)  # training: two matmuls

@@ -255,3 +255,7 @@ def test_training_attention_on_cpu_equals_the_fused_kernel_in_values_and_gradien
     with torch.no_grad():
         attention(q, k, v, mask)
     assert calls  # sampling keeps the fused kernel
+    calls.clear()
+    monkeypatch.setattr("unclip.nets.layers.PLAIN_ATTENTION_MAX_KEYS", 6)
+    attention(q, k, v, mask)
+    assert calls  # past the key count where the fused kernel wins, training takes it too

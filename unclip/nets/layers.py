@@ -27,17 +27,24 @@ def init_gpt_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
+# Keys up to which two plain matmuls beat the fused CPU kernel in training: its backward is 1.5-5x slower at
+# the priors' and the UNet's low-resolution shapes (64-256 keys, bf16 most of all); at a 32 px UNet level (1024
+# keys) the fused kernel, which never holds the scores, is 3-4x faster.
+PLAIN_ATTENTION_MAX_KEYS = 512
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float = 0.0) -> torch.Tensor:
     """softmax(q kᵀ / √d, masked) v (Vaswani et al. 2017, eq. 1); q (B, H, Q, d), k and v (B, H, K, d), mask
-    bool (B, 1, Q, K). Training on a CPU takes two plain matmuls (softmax in fp32): at the priors' shapes
-    the fused CPU kernel's backward is ~3x slower than theirs, in bf16 and fp32 alike (bench/README).
-    Everywhere else, and without gradients, the fused kernel."""
-    if q.device.type != "cpu" or not (torch.is_grad_enabled() and q.requires_grad):
+    bool, broadcastable to (B, H, Q, K). Training on a CPU with at most ``PLAIN_ATTENTION_MAX_KEYS`` keys takes
+    two plain matmuls; everywhere else, and without gradients, the fused kernel (which needs d contiguous)."""
+    training_on_cpu = q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad
+    if not training_on_cpu or k.shape[-2] > PLAIN_ATTENTION_MAX_KEYS:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    # torch's CPU softmax accumulates in fp32 whatever the input: no upcast copy of the scores is needed
+    weights = torch.softmax(scores, dim=-1)
     return F.dropout(weights, dropout_p) @ v if dropout_p else weights @ v
 
 
