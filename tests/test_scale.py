@@ -347,3 +347,11 @@ def test_fsdp_clips_gradients_through_the_sharded_root_and_others_through_lightn
     module._trainer = SimpleNamespace(strategy=SingleDeviceStrategy.__new__(SingleDeviceStrategy), model=root)
     module.configure_gradient_clipping(None, 0.5, "norm")
     assert clipped == [1.0] and plain == [(0.5, "norm")]
+    # a fused optimizer without a GradScaler (fp32, bf16): Lightning would refuse, the module clips itself
+    weight = torch.nn.Parameter(torch.zeros(4))
+    weight.grad = torch.full((4,), 3.0)
+    fused = torch.optim.AdamW([weight], fused=True)
+    module._trainer = SimpleNamespace(strategy=SingleDeviceStrategy.__new__(SingleDeviceStrategy), model=root,
+                                      precision_plugin=SimpleNamespace(scaler=None))
+    module.configure_gradient_clipping(fused, 0.5, "norm")
+    assert plain == [(0.5, "norm")] and torch.allclose(weight.grad.norm(), torch.tensor(0.5))

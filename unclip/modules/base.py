@@ -48,7 +48,7 @@ class UnclipModule(pl.LightningModule):
 
     def __init__(self, optim: dict | None = None, seed: int = 0):
         super().__init__()
-        self.optim_cfg = optim or {"optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 3e-4}}
+        self.optim_cfg = optim or {"optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 3e-4, "fused": True}}
         self.seed = seed
         self.skipped: Counter = Counter()
 
@@ -58,8 +58,12 @@ class UnclipModule(pl.LightningModule):
 
     def configure_optimizers(self):
         cfg = dict(self.optim_cfg)
+        optimizer_cfg = dict(cfg["optimizer"])
+        if optimizer_cfg.get("fused") and self._trainer is not None and self.trainer.gradient_clip_val \
+                and getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            optimizer_cfg["fused"] = False  # fp16's GradScaler: a fused step unscales inside, too late to clip
         # (what is frozen stays out: a LoRA run's base, unclip.lora)
-        optimizer = instantiate(cfg["optimizer"], _convert_="all")([p for p in self.trainable_parameters() if p.requires_grad])
+        optimizer = instantiate(optimizer_cfg, _convert_="all")([p for p in self.trainable_parameters() if p.requires_grad])
         total = self.trainer.max_steps if self.trainer and self.trainer.max_steps and self.trainer.max_steps > 0 else None
         factor = warmup_cosine(int(cfg.get("warmup_steps", 0)), total, float(cfg.get("min_lr_ratio", 0.1)),
                                cfg.get("schedule", "cosine"))
@@ -73,6 +77,16 @@ class UnclipModule(pl.LightningModule):
             # FSDP shards the gradients, so Lightning's precision plugin refuses to clip them by norm; the
             # wrapped root module computes the norm over every shard
             self.trainer.model.clip_grad_norm_(gradient_clip_val)
+            return
+        fused = bool(getattr(optimizer, "defaults", {}).get("fused"))
+        if gradient_clip_val and fused and getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            # Lightning refuses to clip for a fused optimizer under mixed precision, fearing a GradScaler that
+            # unscales inside the step; bf16 has none, so these are the true gradients: clip them here
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 

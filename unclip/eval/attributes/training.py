@@ -86,7 +86,7 @@ def train_classifier(images_u8: torch.Tensor, objects_list: Sequence[Sequence[di
     targets = encode_targets(objects_list)
     per_epoch = max(1, len(images_u8) // train.batch_size)
     total = steps if steps is not None else train.epochs * per_epoch
-    optimizer = torch.optim.AdamW(net.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=train.lr, weight_decay=train.weight_decay, fused=True)
     warmup = min(train.warmup_steps, max(1, total // 10))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, total)))))
