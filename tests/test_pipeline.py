@@ -111,6 +111,26 @@ def test_device_auto_picks_the_gpu_only_when_there_is_one(pipe, monkeypatch):
     assert pipe.to("auto").device == torch.device("cpu") and pipe.clip.device == torch.device("cpu")
 
 
+def test_bf16_sampling_runs_the_nets_in_bf16_and_stays_close_to_fp32(pipe, monkeypatch):
+    from unclip.precision import resolve_precision
+
+    seen = []
+    forward = type(pipe.decoder.net).forward
+    monkeypatch.setattr(type(pipe.decoder.net), "forward",
+                        lambda self, *a, **kw: (seen.append(torch.is_autocast_enabled("cpu")), forward(self, *a, **kw))[1])
+    fp32 = pipe.generate(["a red circle", "a blue star"], n=2, seed=3)
+    assert seen and not any(seen)
+    seen.clear()
+    bf16 = UnCLIPPipeline(pipe.clip, pipe.decoder, pipe.prior, precision="bf16-mixed").generate(
+        ["a red circle", "a blue star"], n=2, seed=3)
+    assert seen and all(seen)
+    assert bf16.pixels.dtype == torch.float32 and bf16.z_img.dtype == torch.float32
+    assert 0 < (bf16.pixels - fp32.pixels).abs().mean() < 0.1  # bf16 rounding, not another picture
+    assert resolve_precision("auto", "cuda") == "bf16-mixed"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        UnCLIPPipeline(pipe.clip, pipe.decoder, pipe.prior, precision="bf16")
+
+
 def test_slerp_is_spherical_and_hits_its_ends():
     a, b = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1), torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
     mid = slerp(a, b, 0.5)

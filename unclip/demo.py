@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from unclip.precision import PRECISIONS, auto_precision
+
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ("trainer.enable_progress_bar=false", "run.name=demo")
 
@@ -307,10 +309,6 @@ def sample_grids(root: Path, timings: dict, priors: list[str], **settings) -> di
     return results
 
 
-PRECISIONS = ("auto", "32-true", "bf16-mixed")
-BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo: the instructions that make a CPU's bf16 matmul fast
-
-
 def parse_cli(argv: list[str]) -> tuple[str, int, str]:
     """``profile=full|fast``, ``jobs=N`` (stages side by side; default one per core, at most 2) and
     ``precision=auto|32-true|bf16-mixed`` (auto: bf16-mixed where bf16 matmuls are fast, see ``auto_precision``)."""
@@ -328,20 +326,6 @@ def parse_cli(argv: list[str]) -> tuple[str, int, str]:
         else:
             raise SystemExit(f"bad argument {arg!r}; {usage}")
     return profile, jobs, precision
-
-
-def auto_precision(cpu_flags: str | None = None, cuda: bool | None = None) -> str:
-    """``bf16-mixed`` on a GPU and on CPUs with native bf16 matmuls (AVX512-BF16 or AMX: 2-5x an fp32
-    matmul), ``32-true`` elsewhere: without them torch emulates bf16, about 100x slower than fp32."""
-    import torch
-
-    if torch.cuda.is_available() if cuda is None else cuda:
-        return "bf16-mixed"
-    if cpu_flags is None:
-        cpuinfo = Path("/proc/cpuinfo")
-        cpu_flags = cpuinfo.read_text() if cpuinfo.exists() else ""
-    words = set(cpu_flags.split())
-    return "bf16-mixed" if any(flag in words for flag in BF16_CPU_FLAGS) else "32-true"
 
 
 def check_profile(root: Path, name: str, plan: list[Stage]) -> None:

@@ -24,6 +24,7 @@ from PIL import Image
 
 from unclip import registry
 from unclip.loading import check_clip, load, pick_device
+from unclip.precision import resolve_precision, sampling_autocast
 
 MANIFEST = "unclip_pipeline.json"
 
@@ -93,9 +94,12 @@ def expect_stage(module, role: str, spec) -> object:
 
 
 class UnCLIPPipeline:
-    """The frozen CLIP and the trained stages, on one device, in eval mode."""
+    """The frozen CLIP and the trained stages, on one device, in eval mode. ``precision``: what the prior,
+    decoder and upsamplers sample in, ``32-true``, ``bf16-mixed`` (autocast: bf16 matmuls and convolutions,
+    fp32 weights and sampler updates) or ``auto`` (bf16-mixed on a GPU or a CPU with native bf16)."""
 
-    def __init__(self, clip, decoder, prior=None, upsamplers: Sequence = (), device: str | torch.device = "cpu"):
+    def __init__(self, clip, decoder, prior=None, upsamplers: Sequence = (), device: str | torch.device = "cpu",
+                 precision: str = "32-true"):
         identity = decoder.hparams.get("clip") or {}
         for name, stage in [("prior", prior), *[(f"upsampler {i}", u) for i, u in enumerate(upsamplers)]]:
             other = (stage.hparams.get("clip") or {}) if stage is not None else {}
@@ -105,20 +109,21 @@ class UnCLIPPipeline:
                                  f"every stage of a pipeline must share one CLIP")
         check_clip(clip, identity)
         self.clip, self.decoder, self.prior, self.upsamplers = clip, decoder, prior, list(upsamplers)
+        self.precision = resolve_precision(precision)  # checked now, made concrete for the device when sampling
         self.to(device)
 
     # ------------------------------------------------------------------------------ building
     @classmethod
     def from_checkpoints(cls, decoder: str | Path = "decoder", prior: str | Path | None = "diffusion",
                          upsamplers: Sequence[str | Path] = (), clip=None, device: str | torch.device = "cpu",
-                         artifacts: str | Path = "outputs/artifacts") -> "UnCLIPPipeline":
+                         artifacts: str | Path = "outputs/artifacts", precision: str = "32-true") -> "UnCLIPPipeline":
         """Stages by path or published name (``diffusion``, ``ar``, ``contrastive``, ``decoder/NAME``...).
         The CLIP is rebuilt from the decoder's identity unless given; every stage is checked against it."""
         decoder_module = expect_stage(load(decoder, clip=clip, artifacts=artifacts), "decoder", decoder)
         clip = decoder_module.clip if clip is None else clip
         prior_module = None if prior is None else expect_stage(load(prior, clip=clip, artifacts=artifacts), "prior", prior)
         ups = [expect_stage(load(spec, clip=clip, artifacts=artifacts), "upsampler", spec) for spec in upsamplers]
-        return cls(clip, decoder_module, prior_module, ups, device)
+        return cls(clip, decoder_module, prior_module, ups, device, precision)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """One folder: every stage's checkpoint, the CLIP (open_clip state dict + config) and a manifest."""
@@ -148,7 +153,8 @@ class UnCLIPPipeline:
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "UnCLIPPipeline":
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
+                        precision: str = "32-true") -> "UnCLIPPipeline":
         from unclip.clip import FrozenCLIP
 
         directory = Path(directory)
@@ -163,7 +169,7 @@ class UnCLIPPipeline:
         return cls.from_checkpoints(decoder=directory / manifest["decoder"],
                                     prior=directory / manifest["prior"] if manifest.get("prior") else None,
                                     upsamplers=[directory / u for u in manifest.get("upsamplers", [])], clip=clip,
-                                    device=device)
+                                    device=device, precision=precision)
 
     def to(self, device) -> "UnCLIPPipeline":
         """``device``: a torch device, or ``auto`` for the GPU when there is one."""
@@ -179,6 +185,10 @@ class UnCLIPPipeline:
         return self.upsamplers[-1].image_size if self.upsamplers else self.decoder.net.config.image_size
 
     # --------------------------------------------------------------------------------- stages
+    def autocast(self):
+        """The context the nets sample in (see ``precision``)."""
+        return sampling_autocast(self.precision, self.device)
+
     def generator(self, seed: int | None, generator: torch.Generator | None) -> torch.Generator:
         if generator is not None:
             return generator
@@ -202,7 +212,9 @@ class UnCLIPPipeline:
             options["steps"] = steps
         if negative_prompt is not None:
             options["negative"] = self.text_embeddings([negative_prompt] * len(prompts))
-        return F.normalize(self.prior.sample(cond, generator, **options).float(), dim=-1)
+        with self.autocast():
+            z_img = self.prior.sample(cond, generator, **options)
+        return F.normalize(z_img.float(), dim=-1)
 
     @torch.no_grad()
     def decode(self, z_img: torch.Tensor, generator: torch.Generator, guidance_scale: float | None = None,
@@ -210,10 +222,11 @@ class UnCLIPPipeline:
                eta: float | None = None, upsampler_steps: int | str | None = None) -> torch.Tensor:
         """Pixels (B, 3, H, W) in [-1, 1]: the decoder at its resolution, then each upsampler in turn."""
         captions = list(captions) if captions is not None and self.decoder.text_cond else None
-        x = self.decoder.sample(z_img.to(self.device), captions, generator, guidance_scale, steps, x_T, eta)
-        for upsampler in self.upsamplers:
-            x = upsampler.upsample(x, steps=upsampler_steps, generator=generator)
-        return x
+        with self.autocast():
+            x = self.decoder.sample(z_img.to(self.device), captions, generator, guidance_scale, steps, x_T, eta)
+            for upsampler in self.upsamplers:
+                x = upsampler.upsample(x, steps=upsampler_steps, generator=generator)
+        return x.float()
 
     # ---------------------------------------------------------------------------------- modes
     def generate(self, prompts: str | Sequence[str], n: int = 1, seed: int | None = 0, generator: torch.Generator | None = None,

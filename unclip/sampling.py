@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from unclip.cli import UserError
 from unclip.loading import resolve
 from unclip.pipeline import MANIFEST, UnCLIPOutput, UnCLIPPipeline
+from unclip.precision import PRECISIONS
 
 log = logging.getLogger(__name__)
 MODES = ("generate", "vary", "interpolate", "text_diff")
@@ -21,10 +22,11 @@ IMAGES_NEEDED = {"vary": 1, "interpolate": 2, "text_diff": 1}
 
 def build_pipeline(cfg: DictConfig) -> UnCLIPPipeline:
     if cfg.pipeline:
-        return UnCLIPPipeline.from_pretrained(cfg.pipeline, device=cfg.device)
+        return UnCLIPPipeline.from_pretrained(cfg.pipeline, device=cfg.device, precision=cfg.get("precision", "32-true"))
     prior = cfg.prior if cfg.mode == "generate" else None
     return UnCLIPPipeline.from_checkpoints(decoder=cfg.decoder, prior=prior, upsamplers=list(cfg.upsamplers),
-                                          device=cfg.device, artifacts=cfg.paths.artifacts)
+                                          device=cfg.device, artifacts=cfg.paths.artifacts,
+                                          precision=cfg.get("precision", "32-true"))
 
 
 def check(cfg: DictConfig) -> None:
@@ -62,6 +64,8 @@ def argument_problems(cfg: DictConfig) -> list[str]:
         value = cfg[key]
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
             problems.append(f"{key}={value}: a guidance scale must be a finite number (or null: the stage's default)")
+    if cfg.get("precision", "32-true") not in PRECISIONS:
+        problems.append(f"precision={cfg.precision}: must be one of {' | '.join(PRECISIONS)}")
     for key in ("prior_steps", "decoder_steps", "upsampler_steps"):
         if cfg[key] is not None and not is_count(cfg[key], 1):
             problems.append(f"{key}={cfg[key]}: sampling steps must be an integer >= 1 (or null: the stage's default)")

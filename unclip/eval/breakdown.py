@@ -186,14 +186,15 @@ def stage_labels(specs: Sequence, priors: Sequence) -> list[str]:
 def run_breakdown(cfg: DictConfig, clip) -> list[dict]:
     decoder = load(cfg.decoder, clip=clip, artifacts=cfg.paths.artifacts)
     upsamplers = [load(spec, clip=clip, artifacts=cfg.paths.artifacts) for spec in cfg.upsamplers]
-    pipe = UnCLIPPipeline(clip, decoder, None, upsamplers)
+    precision = cfg.get("precision", "32-true")
+    pipe = UnCLIPPipeline(clip, decoder, None, upsamplers, precision=precision)
     classifier = load_classifier(cfg.classifier)
     seed, batch_size = int(cfg.seed), int(cfg.batch_size)
     decoder_settings = settings_of(cfg.decoder_settings)
     prior_settings = {k: v for k, v in settings_of(cfg.prior_settings).items() if v is not None}
     priors = [load_prior(spec, clip, cfg.paths.artifacts, cfg.data.cache_dir) for spec in cfg.priors]
     pools = load_pools(cfg, decoder.net.config.image_size, int(cfg.breakdown_pool))
-    plain = UnCLIPPipeline(clip, decoder, None)  # the decoder alone: its own resolution, for decoder_true_zi
+    plain = UnCLIPPipeline(clip, decoder, None, precision=precision)  # the decoder alone: its own resolution, for decoder_true_zi
     rows = []
     for split, pool in pools.items():
         log.info("breakdown: %s, %d pairs", split, len(pool))

@@ -19,7 +19,7 @@ DECODER_KEYS = ("guidance_scale", "steps", "eta", "sampler")
 
 def with_prior(pipe: UnCLIPPipeline, prior) -> UnCLIPPipeline:
     """The same decoder (and upsamplers) behind another prior; the pipeline checks the CLIPs agree."""
-    return UnCLIPPipeline(pipe.clip, pipe.decoder, prior, pipe.upsamplers, pipe.device)
+    return UnCLIPPipeline(pipe.clip, pipe.decoder, prior, pipe.upsamplers, pipe.device, pipe.precision)
 
 
 def seeded(seed: int, *parts, device: torch.device | str = "cpu") -> torch.Generator:

@@ -106,7 +106,7 @@ def real_val_images(cfg: DictConfig, size: int, count: int) -> torch.Tensor:
 def image_context(cfg: DictConfig, clip) -> ImageContext:
     decoder = load(cfg.decoder, clip=clip, artifacts=cfg.paths.artifacts)
     upsamplers = [load(spec, clip=clip, artifacts=cfg.paths.artifacts) for spec in cfg.upsamplers]
-    pipe = UnCLIPPipeline(clip, decoder, None, upsamplers)
+    pipe = UnCLIPPipeline(clip, decoder, None, upsamplers, precision=cfg.get("precision", "32-true"))
     entries = suite_entries(cfg.suite, cfg.suite_limit)
     classifier = load_classifier(cfg.classifier)
     real = real_val_images(cfg, pipe.image_size, len(entries) * int(cfg.n))

@@ -1,0 +1,45 @@
+"""Which floating-point precision to run in: bf16 where the hardware computes it natively, fp32 elsewhere.
+
+Training takes Lightning's precision names (``32-true``, ``bf16-mixed``); sampling takes the same names and
+runs the nets under ``torch.autocast`` for ``bf16-mixed`` (weights, schedules and the sampler's updates stay
+fp32; matmuls and convolutions run in bf16).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+PRECISIONS = ("auto", "32-true", "bf16-mixed")
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo: the instructions that make a CPU's bf16 matmul fast
+
+
+def auto_precision(cpu_flags: str | None = None, cuda: bool | None = None) -> str:
+    """``bf16-mixed`` on a GPU and on CPUs with native bf16 matmuls (AVX512-BF16 or AMX: 2-5x an fp32
+    matmul), ``32-true`` elsewhere: without them torch emulates bf16, about 100x slower than fp32."""
+    if torch.cuda.is_available() if cuda is None else cuda:
+        return "bf16-mixed"
+    if cpu_flags is None:
+        cpuinfo = Path("/proc/cpuinfo")
+        cpu_flags = cpuinfo.read_text() if cpuinfo.exists() else ""
+    words = set(cpu_flags.split())
+    return "bf16-mixed" if any(flag in words for flag in BF16_CPU_FLAGS) else "32-true"
+
+
+def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str:
+    """``auto`` made concrete for ``device`` (a CPU's flags, or a GPU); the others checked and returned."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    return auto_precision(cuda=torch.device(device).type == "cuda")
+
+
+def sampling_autocast(precision: str, device: torch.device | str):
+    """The context sampling runs the nets in: bf16 autocast for ``bf16-mixed``, nothing for ``32-true``."""
+    device = torch.device(device)
+    if resolve_precision(precision, device) == "bf16-mixed":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
