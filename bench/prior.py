@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.roofline import matmul_gflops, roofline_row
+from bench.roofline import dense_bound_row, matmul_gflops, roofline_row
 from bench.timing import comparison_rows, ours_steps_per_s, peer_steps_per_s, train_steps_per_s
 from unclip.modules.diffusion_prior import DiffusionPriorModule
 
@@ -66,7 +66,9 @@ def compare(cfg: dict, fp32: dict, bf16: dict, rates: dict) -> list[tuple[str, s
     what = f"diffusion prior train step ({label})"
     return comparison_rows("diffusion prior train step", "dalle2-pytorch DiffusionPrior", label, fp32, peer(cfg), bf16) + [
         roofline_row(what, fp32["gflop_per_step"], rates["fp32"], fp32["steps_per_s"], "fp32", "fp32 matmul"),
-        roofline_row(what, bf16["gflop_per_step"], rates["bf16"], bf16["steps_per_s"], "bf16", "bf16 matmul")]
+        roofline_row(what, bf16["gflop_per_step"], rates["bf16"], bf16["steps_per_s"], "bf16", "bf16 matmul"),
+        dense_bound_row(what, fp32["dense_s"], fp32["steps_per_s"], "fp32"),
+        dense_bound_row(what, bf16["dense_s"], bf16["steps_per_s"], "bf16")]
 
 
 def precision_rows(rates: dict) -> list[tuple[str, str, str]]:

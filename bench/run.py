@@ -138,7 +138,7 @@ def main() -> None:
     if args.only in (None, "sampling"):
         from bench import sampling
 
-        rows += sampling.rows()
+        rows += sampling.defaults_rows() + sampling.rows()
     if args.only in ("prior", "decoder", "sampling"):
         return report(rows, RESULTS.with_name(f"results_{args.only}.md"))
     with tempfile.TemporaryDirectory() as tmp:

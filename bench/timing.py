@@ -46,10 +46,10 @@ def train_steps_per_s(module, batch: dict, steps: int = 3, repeats: int = 2, pre
         loss.backward()
         optimizer.step()
 
-    from bench.roofline import step_gflop
+    from bench.roofline import dense_op_seconds, step_gflop
 
     return {"steps_per_s": max(rates), "params": sum(p.numel() for p in module.net.parameters()),
-            "gflop_per_step": step_gflop(one_step)}
+            "gflop_per_step": step_gflop(one_step), "dense_s": dense_op_seconds(one_step)}
 
 
 def last_json_line(command: list[str], cwd: Path | None = None) -> dict:

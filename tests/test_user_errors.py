@@ -113,3 +113,4 @@ def test_a_nan_guidance_and_k_1_are_refused_together(no_loading, tmp_path):
     message = sample_with(tmp_path, "mode=interpolate", f"images=[{image},{image}]", "k=1", "decoder_steps=0")
     assert message.startswith("2 problems") and "k=1: mode=interpolate needs an integer k >= 2" in message
     assert "decoder_steps=0: sampling steps must be an integer >= 1" in message
+    assert sample_with(tmp_path, "precision=bf16") == "precision=bf16: must be one of auto | 32-true | bf16-mixed"

@@ -278,7 +278,7 @@ def score_grid(classifier, pixels, rows: list[tuple[str, str, list[dict]]], n: i
     return scores
 
 
-def sample_grids(root: Path, timings: dict, priors: list[str], **settings) -> dict:
+def sample_grids(root: Path, timings: dict, priors: list[str], precision: str = "32-true", **settings) -> dict:
     """For each prior: prompts × samples through the pipeline, a PNG grid with each row marked by its group,
     and the attribute accuracy per group."""
     import torch
@@ -297,7 +297,7 @@ def sample_grids(root: Path, timings: dict, priors: list[str], **settings) -> di
     for prior in priors:
         start = time.perf_counter()
         pipe = UnCLIPPipeline.from_checkpoints(decoder="decoder", prior=prior, upsamplers=upsamplers, artifacts=artifacts,
-                                               device="auto")
+                                               device="auto", precision=precision)
         with torch.no_grad():
             out = pipe.generate(prompts, n=SAMPLES_PER_PROMPT, seed=0, **settings)
         grid = save_grid(out.pixels, SAMPLES_PER_PROMPT, demo / f"grid_{prior}.png", row_labels=marks)
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     root = ROOT / profile["root"]
     demo = root / "demo"
     precision = auto_precision() if precision == "auto" else precision
-    print(f"[demo] profile {name}, training in {precision}", flush=True)
+    print(f"[demo] profile {name}, training and sampling in {precision}", flush=True)
     plan = stages(profile, precision)
     check_profile(root, name, plan)
     timings_path = demo / "timings.json"
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    results = sample_grids(root, timings, trained_priors(plan), **profile["grids"])
+    results = sample_grids(root, timings, trained_priors(plan), precision, **profile["grids"])
     timings["total_this_run"] = round(time.perf_counter() - total, 1)
     save()
     (demo / "results.json").write_text(json.dumps({"profile": name, **results}, indent=1))

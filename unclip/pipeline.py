@@ -110,6 +110,9 @@ class UnCLIPPipeline:
         check_clip(clip, identity)
         self.clip, self.decoder, self.prior, self.upsamplers = clip, decoder, prior, list(upsamplers)
         self.precision = resolve_precision(precision)  # checked now, made concrete for the device when sampling
+        for stage in (decoder, *self.upsamplers):
+            if hasattr(stage.net, "use_channels_last"):  # unclip's UNets sample in NHWC (converted nets keep theirs)
+                stage.net.use_channels_last()
         self.to(device)
 
     # ------------------------------------------------------------------------------ building

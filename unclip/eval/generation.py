@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from unclip.pipeline import UnCLIPPipeline
 from unclip.seeding import hash_seed
 
-DECODER_KEYS = ("guidance_scale", "steps", "eta", "sampler")
+DECODER_KEYS = ("guidance_scale", "steps", "eta", "sampler", "upsampler_steps")
 
 
 def with_prior(pipe: UnCLIPPipeline, prior) -> UnCLIPPipeline:
@@ -45,7 +45,9 @@ def sample_embeddings(pipe: UnCLIPPipeline, prompts: Sequence[str], seed: int, s
             cond = pipe.text_embeddings(list(prompts[rows]))
             generator = seeded(seed, "prior", index, device=pipe.device)
             start = time.perf_counter()
-            out.append(F.normalize(pipe.prior.sample(cond, generator, **settings).float(), dim=-1))
+            with pipe.autocast():
+                z_img = pipe.prior.sample(cond, generator, **settings)
+            out.append(F.normalize(z_img.float(), dim=-1))
             elapsed += time.perf_counter() - start
     return torch.cat(out), elapsed
 
@@ -83,7 +85,7 @@ def decode_embeddings(pipe: UnCLIPPipeline, z_img: torch.Tensor, prompts: Sequen
             generator = seeded(seed, "decoder", index, device=pipe.device)
             start = time.perf_counter()
             pixels = pipe.decode(z_img[rows], generator, settings.get("guidance_scale"), settings.get("steps"),
-                                 list(prompts[rows]), eta=settings.get("eta"))
+                                 list(prompts[rows]), eta=settings.get("eta"), upsampler_steps=settings.get("upsampler_steps"))
             elapsed += time.perf_counter() - start
             out.append(pixels.float().cpu())
     return torch.cat(out), elapsed

@@ -199,6 +199,12 @@ class UNet(nn.Module):
     def hparams(self) -> dict:
         return asdict(self.config)
 
+    def use_channels_last(self) -> "UNet":
+        """NHWC activations and weights from here on, whatever the net was trained in (the same function):
+        an upsampler samples 1.3-1.4x faster in it on a CPU, fp32 and bf16 alike (README, bench)."""
+        self.config.channels_last = True
+        return self.to(memory_format=torch.channels_last)
+
     def conditioning(self, t, z_img, tokens, mask, drop_image, drop_text, aug_level=None):
         """(embedding added in every ResBlock, context tokens, which context tokens are visible)."""
         emb = self.time_mlp(timestep_embedding(t, self.config.channels))
