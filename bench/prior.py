@@ -36,6 +36,51 @@ def ours(cfg: dict, steps: int = 3, repeats: int = 2, precision: str = "32-true"
     return train_steps_per_s(module, batch_data, steps, repeats, precision)
 
 
+def other_prior(cfg: dict, kind: str) -> "torch.nn.Module":
+    """The AR prior (paper-like tokens: 319 PCA components of 1024 bins would not fit a 512-d z_i, so 256 x
+    1024) or the contrastive prior at the diffusion prior's transformer size; the AR tokenizer is fit on
+    random embeddings (its step does not depend on what the bins are)."""
+    dim = cfg["dim"]
+    net = {"embed_dim": dim, "text_width": dim, "max_text_tokens": cfg["tokens"], "dim": dim, "depth": cfg["depth"],
+           "heads": cfg["heads"], "ff_mult": 4}
+    if kind == "contrastive":
+        from unclip.modules.contrastive_prior import ContrastivePriorModule
+
+        return ContrastivePriorModule(net)
+    from unclip.modules.ar_prior import ARPriorModule
+
+    module = ARPriorModule(net, {"components": 256, "bins": 1024, "sim_bins": 32, "mode": "quantile"})
+    z_img, z_txt = (torch.nn.functional.normalize(torch.randn(8192, dim), dim=-1) for _ in range(2))
+    _, _, v = torch.linalg.svd(z_img - z_img.mean(0), full_matrices=False)
+    module.tokenizer.fit(z_img, z_txt, z_img.mean(0), v, torch.full((dim,), 1.0 / dim))
+    return module
+
+
+def ours_other(cfg: dict, steps: int = 3, repeats: int = 2, precision: str = "32-true") -> dict:
+    """``bench.worker prior_ar`` / ``prior_contrastive``: the other priors' real training steps, same batch."""
+    torch.manual_seed(0)
+    module = other_prior(cfg, cfg["kind"])
+    batch, tokens, dim = cfg["batch"], cfg["tokens"], cfg["dim"]
+    token_states = torch.randn(batch, tokens, dim) * (torch.arange(tokens)[None] < caption_lengths(cfg)[:, None])[..., None]
+    batch_data = {"img_emb": torch.randn(batch, dim), "txt_emb": torch.randn(batch, dim), "txt_tok": token_states,
+                  "key": [str(i) for i in range(batch)]}
+    return train_steps_per_s(module, batch_data, steps, repeats, precision)
+
+
+def other_rows(cfg: dict, rates: dict) -> list[tuple[str, str, str]]:
+    out = []
+    for kind, name in (("ar", "AR prior"), ("contrastive", "contrastive prior")):
+        run = {**cfg, "kind": kind}
+        fp32, bf16 = ours_steps_per_s("prior_other", run), ours_steps_per_s("prior_other", {**run, "precision": "bf16-mixed"})
+        label = f"dim {cfg['dim']}, depth {cfg['depth']}, batch {cfg['batch']}, {cfg['tokens']} tokens"
+        what = f"{name} train step ({label})"
+        out += [(f"{what}, ours, fp32", f"{fp32['steps_per_s']:.3f} steps/s", f"{fp32['params'] / 1e6:.1f}M params"),
+                (f"{what}, ours, bf16-mixed", f"{bf16['steps_per_s']:.3f} steps/s", f"{bf16['steps_per_s'] / fp32['steps_per_s']:.2f}x our fp32"),
+                roofline_row(what, bf16["gflop_per_step"], rates["bf16"], bf16["steps_per_s"], "bf16", "bf16 matmul"),
+                dense_bound_row(what, bf16["dense_s"], bf16["steps_per_s"], "bf16")]
+    return out
+
+
 def peer(cfg: dict, steps: int = 3, repeats: int = 2) -> dict | None:
     return peer_steps_per_s("peer_prior.py", cfg, steps, repeats)
 
@@ -52,7 +97,8 @@ def rows(threads: int = 2) -> list[tuple[str, str, str]]:
     steps = [({**PAPER_LIKE, "threads": threads}, *measure({**PAPER_LIKE, "threads": threads})),
              ({**SHORT_CAPTIONS, "threads": threads}, *measure({**SHORT_CAPTIONS, "threads": threads}))]
     rates = {k: max(v, first[k]) for k, v in matmul_rates().items()}
-    return [row for cfg, fp32, bf16 in steps for row in compare(cfg, fp32, bf16, rates)] + precision_rows(rates)
+    others = other_rows({**PAPER_LIKE, "threads": threads}, rates)
+    return [row for cfg, fp32, bf16 in steps for row in compare(cfg, fp32, bf16, rates)] + others + precision_rows(rates)
 
 
 def measure(cfg: dict) -> tuple[dict, dict]:

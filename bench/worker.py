@@ -25,10 +25,12 @@ def main(section: str, cfg: dict) -> None:
     torch.set_num_threads(cfg.get("threads", 2))
     if section == "prior":
         from bench.prior import ours
+    elif section == "prior_other":
+        from bench.prior import ours_other as ours
     elif section == "decoder":
         from bench.decoder import ours
     else:
-        raise SystemExit(f"bench.worker: unknown section {section!r} (prior | decoder)")
+        raise SystemExit(f"bench.worker: unknown section {section!r} (prior | prior_other | decoder)")
     result = ours(cfg, cfg.get("steps", 3), cfg.get("repeats", 2), cfg.get("precision", "32-true"))
     print(json.dumps({**result, "peak_rss_mib": peak_rss_mib()}))
 

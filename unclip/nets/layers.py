@@ -27,20 +27,23 @@ def init_gpt_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-# Keys up to which two plain matmuls beat the fused CPU kernel in training: its backward is 1.5-5x slower at
-# the priors' and the UNet's low-resolution shapes (64-256 keys, bf16 most of all); at a 32 px UNet level (1024
-# keys) the fused kernel, which never holds the scores, is 3-4x faster.
-PLAIN_ATTENTION_MAX_KEYS = 512
+# When two plain matmuls beat the fused CPU kernel in training: while the scores they hold for the backward
+# stay small (batch x heads x queries x keys up to 2^24). The priors' steps (81 keys) run 1.1x faster in fp32
+# and 1.5x in bf16 with them, a UNet level's 64-260 keys 1.5-5x in bf16; for larger scores the fused kernel
+# wins (the AR prior's 64 x 8 x 334 x 334, bf16: 284 against 417 ms forward + backward; a 32 px UNet level's
+# 8 x 4 x 1024 x 1028: 63 against 167 ms).
+PLAIN_ATTENTION_MAX_SCORES = 1 << 24
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float = 0.0) -> torch.Tensor:
     """softmax(q kᵀ / √d, masked) v (Vaswani et al. 2017, eq. 1); q (B, H, Q, d), k and v (B, H, K, d), mask
-    bool, broadcastable to (B, H, Q, K). Training on a CPU with at most ``PLAIN_ATTENTION_MAX_KEYS`` keys takes
-    two plain matmuls; everywhere else, and without gradients, the fused kernel (which needs d contiguous)."""
-    training_on_cpu = q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad
-    if not training_on_cpu or k.shape[-2] > PLAIN_ATTENTION_MAX_KEYS:
+    bool, broadcastable to (B, H, Q, K). Training on a CPU with at most ``PLAIN_ATTENTION_MAX_SCORES`` scores
+    takes two plain matmuls; everywhere else the fused kernel (which needs d contiguous)."""
+    plain = (q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad
+             and q.shape[:-1].numel() * k.shape[-2] <= PLAIN_ATTENTION_MAX_SCORES)
+    if not plain:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # scaling q: Q x d numbers, not Q x K
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     # torch's CPU softmax accumulates in fp32 whatever the input: no upcast copy of the scores is needed
