@@ -59,10 +59,9 @@ def rows(configs: tuple[dict, ...] = (CONFIG, DEMO), threads: int = 2) -> list[t
     for cfg, fp32, bf16 in measured:
         label = label_of(cfg)
         what = f"decoder train step ({label})"
-        if cfg.get("patch_size", 1) == 1:
-            out += comparison_rows("decoder train step", "dalle2-pytorch Unet + Decoder", label, fp32, peer(cfg), bf16)
-        else:  # the peer's UNet has no patches
-            out += comparison_rows("decoder train step", "", label, fp32, None, bf16)[:2]
+        patched = cfg.get("patch_size", 1) > 1  # the peer's UNet has no patches
+        out += comparison_rows("decoder train step", None if patched else "dalle2-pytorch Unet + Decoder", label, fp32,
+                               None if patched else peer(cfg), bf16)
         out += [roofline_row(what, fp32["gflop_per_step"], rates["fp32"], fp32["steps_per_s"], "fp32", "fp32 3x3 conv"),
                 roofline_row(what, bf16["gflop_per_step"], rates["bf16"], bf16["steps_per_s"], "bf16", "bf16 3x3 conv"),
                 dense_bound_row(what, fp32["dense_s"], fp32["steps_per_s"], "fp32"),

@@ -16,8 +16,6 @@ ARTIFACTS = Path("outputs/artifacts")
 OLD_DEFAULTS = {"precision": "32-true", "prior": {"steps": 64}, "decoder": {"steps": 50, "upsampler_steps": 16}, "nchw": True}
 NEW_DEFAULTS = {"precision": "auto", "prior": {}, "decoder": {}}
 NEW_STEPS_FP32 = {"precision": "32-true", "prior": {}, "decoder": {}}  # what the steps alone buy
-UPSAMPLER_8 = {"precision": "auto", "prior": {}, "decoder": {"upsampler_steps": 8}}
-UPSAMPLER_16 = {"precision": "auto", "prior": {}, "decoder": {"upsampler_steps": 16}}
 NEEDED = [ARTIFACTS / "decoder" / "shapes.ckpt", ARTIFACTS / "diffusion_prior" / "shapes.ckpt",
           ARTIFACTS / "attributes" / "shapes.pt"]
 PLOT = Path(__file__).parent / "sampling.png"

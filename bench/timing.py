@@ -73,7 +73,7 @@ def peer_steps_per_s(script: str, cfg: dict, steps: int = 3, repeats: int = 2) -
                            json.dumps({**cfg, "steps": steps, "repeats": repeats})])
 
 
-def comparison_rows(what: str, peer_name: str, label: str, mine: dict, other: dict | None,
+def comparison_rows(what: str, peer_name: str | None, label: str, mine: dict, other: dict | None,
                     mine_bf16: dict | None = None) -> list[tuple[str, str, str]]:
     """Our row (fp32, and bf16-mixed when given) and the peer's (fp32) for one training-step benchmark, with
     the ratios: ours over the peer on the peer's row, bf16-mixed over our fp32 and over the peer on its own."""
@@ -85,6 +85,8 @@ def comparison_rows(what: str, peer_name: str, label: str, mine: dict, other: di
             note += f", **{mine_bf16['steps_per_s'] / other['steps_per_s']:.2f}x** the peer's fp32"
         out.append((f"{what}, ours ({label}, bf16-mixed)", f"{mine_bf16['steps_per_s']:.3f} steps/s",
                     f"{note}; peak RSS {mine_bf16['peak_rss_mib']:,.0f} MiB"))
+    if peer_name is None:  # no peer of this config
+        return out
     if other is None:
         return out + [(peer_name, "not measured", "bench/.venv-peer missing: run `make bench`")]
     return out + [(f"{peer_name} ({label}, fp32)", f"{other['steps_per_s']:.3f} steps/s",

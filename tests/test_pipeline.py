@@ -127,6 +127,8 @@ def test_bf16_sampling_runs_the_nets_in_bf16_and_stays_close_to_fp32(pipe, monke
     assert bf16.pixels.dtype == torch.float32 and bf16.z_img.dtype == torch.float32
     assert 0 < (bf16.pixels - fp32.pixels).abs().mean() < 0.1  # bf16 rounding, not another picture
     assert resolve_precision("auto", "cuda") == "bf16-mixed"
+    # auto stays auto until a device samples: a GPU pipeline built on a CPU without bf16 still samples in bf16
+    assert UnCLIPPipeline(pipe.clip, pipe.decoder, pipe.prior, precision="auto").precision == "auto"
     assert pipe.decoder.net.input.weight.is_contiguous(memory_format=torch.channels_last)  # UNets sample in NHWC
     with pytest.raises(ValueError, match="precision must be one of"):
         UnCLIPPipeline(pipe.clip, pipe.decoder, pipe.prior, precision="bf16")

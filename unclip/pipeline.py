@@ -109,7 +109,8 @@ class UnCLIPPipeline:
                                  f"every stage of a pipeline must share one CLIP")
         check_clip(clip, identity)
         self.clip, self.decoder, self.prior, self.upsamplers = clip, decoder, prior, list(upsamplers)
-        self.precision = resolve_precision(precision)  # checked now, made concrete for the device when sampling
+        resolve_precision(precision)  # checked now; ``auto`` is made concrete for the device when sampling
+        self.precision = precision
         for stage in (decoder, *self.upsamplers):
             if hasattr(stage.net, "use_channels_last"):  # unclip's UNets sample in NHWC (converted nets keep theirs)
                 stage.net.use_channels_last()
@@ -215,6 +216,11 @@ class UnCLIPPipeline:
             options["steps"] = steps
         if negative_prompt is not None:
             options["negative"] = self.text_embeddings([negative_prompt] * len(prompts))
+        return self.draw_embeddings(cond, generator, **options)
+
+    @torch.no_grad()
+    def draw_embeddings(self, cond: dict, generator: torch.Generator, **options) -> torch.Tensor:
+        """ẑ_i (B, D), unit norm, from the prior's condition (``text_embeddings``), in the pipeline's precision."""
         with self.autocast():
             z_img = self.prior.sample(cond, generator, **options)
         return F.normalize(z_img.float(), dim=-1)

@@ -8,6 +8,7 @@ fp32; matmuls and convolutions run in bf16).
 from __future__ import annotations
 
 from contextlib import nullcontext
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -21,11 +22,15 @@ def auto_precision(cpu_flags: str | None = None, cuda: bool | None = None) -> st
     matmul), ``32-true`` elsewhere: without them torch emulates bf16, about 100x slower than fp32."""
     if torch.cuda.is_available() if cuda is None else cuda:
         return "bf16-mixed"
-    if cpu_flags is None:
-        cpuinfo = Path("/proc/cpuinfo")
-        cpu_flags = cpuinfo.read_text() if cpuinfo.exists() else ""
-    words = set(cpu_flags.split())
+    words = set((machine_cpu_flags() if cpu_flags is None else cpu_flags).split())
     return "bf16-mixed" if any(flag in words for flag in BF16_CPU_FLAGS) else "32-true"
+
+
+@lru_cache(maxsize=1)
+def machine_cpu_flags() -> str:
+    """/proc/cpuinfo, read once (sampling asks on every batch)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.read_text() if cpuinfo.exists() else ""
 
 
 def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str:

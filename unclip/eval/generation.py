@@ -9,7 +9,6 @@ import time
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from unclip.pipeline import UnCLIPPipeline
 from unclip.seeding import hash_seed
@@ -45,9 +44,7 @@ def sample_embeddings(pipe: UnCLIPPipeline, prompts: Sequence[str], seed: int, s
             cond = pipe.text_embeddings(list(prompts[rows]))
             generator = seeded(seed, "prior", index, device=pipe.device)
             start = time.perf_counter()
-            with pipe.autocast():
-                z_img = pipe.prior.sample(cond, generator, **settings)
-            out.append(F.normalize(z_img.float(), dim=-1))
+            out.append(pipe.draw_embeddings(cond, generator, **settings))
             elapsed += time.perf_counter() - start
     return torch.cat(out), elapsed
 
