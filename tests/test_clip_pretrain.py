@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -45,3 +46,57 @@ def test_contrastive_loss_falls_on_a_fixed_batch(shapes_dir):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def named(text: str, table: dict) -> list[str]:
+    """The attribute values a caption names, in order, read through the vocabulary's synonyms."""
+    words = {w: v for v, entry in table.items() for w in (entry[-1] if isinstance(entry, tuple) else entry)}
+    hits = [(text.find(f" {w}"), len(w), v) for w, v in words.items() if f" {w}" in f" {text}"]
+    hits = [h for h in hits if not any(o[0] <= h[0] < o[0] + o[1] and o[1] > h[1] for o in hits)]  # longest words win
+    return [v for _, _, v in sorted(hits)]
+
+
+def test_hard_negative_captions_change_one_thing_and_never_name_a_held_out_pair():
+    import random
+
+    from unclip.data.shapes import COLORS, DEFAULT_HOLDOUT, SHAPES, hard_negative_caption
+
+    rng = random.Random(0)
+    single = {"objects": [{"shape": "circle", "color": "red", "size": "large", "position": "left"}], "template": 5}
+    pair = {"objects": [{"shape": "star", "color": "yellow", "size": "small", "position": "top"},
+                        {"shape": "square", "color": "blue", "size": "large", "position": "bottom"}], "template": 0}
+    held_out = set(DEFAULT_HOLDOUT)
+    swaps = 0
+    for _ in range(200):
+        text = hard_negative_caption(single, rng)
+        shape, color = named(text, SHAPES)[0], named(text, COLORS)[0]
+        assert (shape != "circle") + (color != "red") == 1, text  # exactly one of shape and colour is wrong
+        assert (shape, color) not in held_out, text
+        text = hard_negative_caption(pair, rng)
+        shapes, colors = named(text, SHAPES), named(text, COLORS)
+        assert not set(zip(shapes, colors)) & held_out, text
+        swaps += (shapes, colors) == (["star", "square"], ["blue", "yellow"])
+    assert 35 < swaps < 100  # about a third of the pair's negatives swap its two colours
+    assert hard_negative_caption({"objects": []}, rng) is None
+
+
+def test_hard_negatives_enter_the_loss_and_the_training_step(shapes_dir):
+    from unclip.modules.clip_pretrain import contrastive_loss_with_negatives
+
+    z = F.normalize(torch.randn(4, 8), dim=-1)
+    scale = torch.tensor(10.0)
+    plain = contrastive_loss_with_negatives(z, z, z, z, z[:0], scale)
+    far = contrastive_loss_with_negatives(z, z, z, z, -z, scale)
+    near = contrastive_loss_with_negatives(z, z, z, z, F.normalize(z + 0.05 * torch.randn(4, 8), dim=-1), scale)
+    assert far - plain < 0.01 and near - plain > 0.1  # an opposite negative costs next to nothing, a close one a lot
+
+    dm = CaptionImageDataModule(train=str(shapes_dir / "train-*.tar"), fields=["image", "caption", "meta"], batch_size=8,
+                                image_size=64, shuffle=False)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    module = ClipPretrainModule("unclip-tiny", hard_negatives=True)
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    assert torch.isfinite(loss) and module.model.token_embedding.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="hard_negatives=true needs every sample's attributes"):
+        module.training_step({**batch, "meta": [{}] * len(batch["caption"])}, 0)

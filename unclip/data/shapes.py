@@ -192,6 +192,29 @@ def caption_for(objects: list[dict], template: int, rng: random.Random, synonyms
     return with_articles(PAIR_TEMPLATES[template].format(obj1=parts[0], obj2=parts[1]))
 
 
+def hard_negative_caption(meta: dict, rng: random.Random, forbidden=DEFAULT_HOLDOUT) -> str | None:
+    """A caption of the image with one thing wrong, for contrastive hard negatives (NegCLIP, Yuksekgonul et
+    al. 2023): one object's shape or colour changed, or, in a pair of differently coloured objects, the two
+    colours swapped (the binding a bag-of-words text tower misses). Template and synonyms are drawn as for a
+    real caption, so only the changed attribute tells the two apart. ``forbidden`` [shape, colour] pairs never
+    appear (held-out compositions stay unseen, as text too); None when ``meta`` has no objects."""
+    objects = [dict(o) for o in meta.get("objects") or []]
+    if not objects or "template" not in meta:
+        return None
+    forbidden = {tuple(p) for p in forbidden}
+    if len(objects) == 2 and objects[0]["color"] != objects[1]["color"] and rng.random() < 1 / 3:
+        swapped = [{**objects[0], "color": objects[1]["color"]}, {**objects[1], "color": objects[0]["color"]}]
+        if not any((o["shape"], o["color"]) in forbidden for o in swapped):
+            return caption_for(swapped, meta["template"], rng, synonyms=True)
+    i = rng.randrange(len(objects))
+    attribute = rng.choice(("shape", "color"))
+    values = VOCAB.shapes if attribute == "shape" else VOCAB.colors
+    choices = [v for v in values if v != objects[i][attribute]
+               and ((v, objects[i]["color"]) if attribute == "shape" else (objects[i]["shape"], v)) not in forbidden]
+    objects[i][attribute] = rng.choice(choices)
+    return caption_for(objects, meta["template"], rng, synonyms=True)
+
+
 def sample_objects(rng: random.Random, p_two: float, allowed) -> list[dict]:
     """Draw 1 or 2 objects (distinct cells); ``allowed(shape, colour, index)`` filters compositions."""
     count = 2 if rng.random() < p_two else 1

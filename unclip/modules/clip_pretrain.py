@@ -1,18 +1,25 @@
 """Contrastive pretraining of a small open_clip model on the project's own caption-image pairs.
 
 Loss: open_clip's ``ClipLoss`` (symmetric InfoNCE, Radford et al. 2021) with the model's learnable
-logit scale. Validation reports caption->image retrieval top-1/top-5 over up to ``retrieval_pool`` val
+logit scale. ``hard_negatives=true`` (shapes data: needs each sample's KEY.json objects) adds, for every
+image, its caption with one attribute wrong as an extra text the image must rank below its own
+(NegCLIP, Yuksekgonul et al. 2023): a batch of random captions rarely differs from the true one in a
+single word, so without them CLIP learns what a caption is about, not which shape or which colour where.
+Validation reports caption->image retrieval top-1/top-5 over up to ``retrieval_pool`` val
 pairs and zero-shot shape / colour accuracy from prompts built from the shapes vocabulary.
 """
 
 from __future__ import annotations
 
+import random
+
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.loss import gather_features
 
 from unclip.clip import save_published
-from unclip.data.shapes import VOCAB
+from unclip.data.shapes import DEFAULT_HOLDOUT, VOCAB, hard_negative_caption
 from unclip.modules.base import UnclipModule
 
 
@@ -48,6 +55,18 @@ def zero_shot_attributes(clip_encode_text, z_img: torch.Tensor, metas: list[dict
     return out
 
 
+def contrastive_loss_with_negatives(z_img: torch.Tensor, z_txt: torch.Tensor, all_img: torch.Tensor,
+                                    all_txt: torch.Tensor, all_neg: torch.Tensor, logit_scale: torch.Tensor,
+                                    offset: int = 0) -> torch.Tensor:
+    """Symmetric InfoNCE in which image i must also rank every extra caption ``all_neg`` (hard negatives,
+    nobody's positive) below its own: image -> text over [captions, negatives], text -> image as usual.
+    ``z_img``, ``z_txt``: this rank's rows, at ``offset`` in the gathered ``all_*`` (all of them on one device)."""
+    labels = torch.arange(len(z_img), device=z_img.device) + offset
+    image_to_text = logit_scale * z_img @ torch.cat([all_txt, all_neg]).T
+    text_to_image = logit_scale * z_txt @ all_img.T
+    return (F.cross_entropy(image_to_text, labels) + F.cross_entropy(text_to_image, labels)) / 2
+
+
 class ClipPretrainModule(UnclipModule):
     """Trains an open_clip model (from its config name, randomly initialised) with ``ClipLoss``."""
 
@@ -55,10 +74,15 @@ class ClipPretrainModule(UnclipModule):
     loadable = False  # publishes a plain open_clip state dict, which FrozenCLIP opens
 
     def __init__(self, model_name: str = "unclip-tiny", optim: dict | None = None, seed: int = 0,
-                 retrieval_pool: int = 1000, clip_name: str | None = None):
+                 retrieval_pool: int = 1000, clip_name: str | None = None, hard_negatives: bool = False,
+                 holdout: list | None = None):
         super().__init__(optim=optim, seed=seed)
-        self.save_hyperparameters({"kind": self.kind, "model_name": model_name, "retrieval_pool": retrieval_pool})
+        self.save_hyperparameters({"kind": self.kind, "model_name": model_name, "retrieval_pool": retrieval_pool,
+                                   "hard_negatives": hard_negatives})
         self.model_name, self.retrieval_pool = model_name, retrieval_pool
+        self.hard_negatives = hard_negatives
+        self.holdout = [tuple(p) for p in (DEFAULT_HOLDOUT if holdout is None else holdout)]  # never a negative's pair
+        self.negative_rng = random.Random(seed)
         self.model = open_clip.create_model(model_name)
         self.tokenizer = open_clip.get_tokenizer(model_name)
         cfg = self.model.visual.preprocess_cfg
@@ -85,9 +109,33 @@ class ClipPretrainModule(UnclipModule):
         out = self.model(self.pixels(images), tokens)
         return out if isinstance(out, tuple) else (out["image_features"], out["text_features"], out["logit_scale"])
 
+    def negative_captions(self, metas: list[dict]) -> list[str]:
+        captions = [hard_negative_caption(meta, self.negative_rng, self.holdout) for meta in metas]
+        if any(c is None for c in captions):
+            raise ValueError("model.module.hard_negatives=true needs every sample's attributes (KEY.json \"objects\" "
+                             "and \"template\", as python -m unclip.data.shapes writes them); this batch has samples "
+                             "without them: train with hard_negatives=false on other data")
+        return captions
+
+    def hard_negative_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        captions = list(batch["caption"])
+        z_img, z_all_txt, logit_scale = self.encode(batch["image"], captions + self.negative_captions(batch["meta"]))
+        z_txt, z_neg = z_all_txt[:len(captions)], z_all_txt[len(captions):]
+        rank, world = (self.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+        if world > 1:
+            all_img, all_txt = gather_features(z_img, z_txt, local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
+            all_neg, _ = gather_features(z_neg, z_neg, local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
+        else:
+            all_img, all_txt, all_neg = z_img, z_txt, z_neg
+        loss = contrastive_loss_with_negatives(z_img, z_txt, all_img, all_txt, all_neg, logit_scale, rank * len(z_img))
+        return loss, logit_scale
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        z_img, z_txt, logit_scale = self.encode(batch["image"], batch["caption"])
-        loss = self.loss_fn(z_img, z_txt, logit_scale)
+        if self.hard_negatives:
+            loss, logit_scale = self.hard_negative_loss(batch)
+        else:
+            z_img, z_txt, logit_scale = self.encode(batch["image"], batch["caption"])
+            loss = self.loss_fn(z_img, z_txt, logit_scale)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("train/logit_scale", logit_scale.detach())
         return loss
