@@ -48,6 +48,16 @@ def test_captions_name_every_object_with_a_known_word(shapes_dir):
             assert any(word in caption for word in COLORS[obj["color"]][-1])
 
 
+def test_bare_colour_shape_captions_are_part_of_training():
+    """Prompts such as "a red circle" (the demo grid's, the prompt suite's) leave size and position open; a
+    training set that always names one of them would never show the model such a caption."""
+    cfg = ShapesConfig(size=16, supersample=1, p_two=0.0, synonyms=False)
+    captions = [make_sample(i, "train", cfg, set())[0] for i in range(200)]
+    bare = [c for c in captions if not any(w in c.split() for w in SIZES) and not any(p in c for p in POSITIONS)]
+    assert len(bare) > 10
+    assert all(len(c.split()) == 3 for c in bare), bare[:5]
+
+
 def test_held_out_compositions_never_in_train_and_present_in_unseen(shapes_dir):
     holdout = {tuple(p) for p in DEFAULT_HOLDOUT}
     for sample in read_split(shapes_dir, "train") + read_split(shapes_dir, "val"):

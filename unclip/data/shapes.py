@@ -83,6 +83,7 @@ TEMPLATES = [
     "a picture of {a} {size} {color} {shape} in the {position}",
     "{a} {color} {shape} in the {position}",
     "{a} {size} {color} {shape}",
+    "{a} {color} {shape}",  # what people type: size and position left to the model, one object all the same
 ]
 # Two objects: each object phrase is "{size} {color} {shape} in the {position}".
 PAIR_TEMPLATES = [
