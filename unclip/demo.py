@@ -129,11 +129,13 @@ PROFILES = {
     # The default: recognisable pictures come first. The 64 px unclip-tiny CLIP (what makes the embeddings tell
     # shapes apart) and a decoder trained with min-SNR weighting, which learns shapes in half the steps of the
     # unweighted loss (conf/diffusion/cosine_v_min_snr.yaml). The AR prior uses 64 bins a component and a higher
-    # learning rate: with 256 bins at 5e-4 it reached cos_true 0.73 in 400 steps, with these 0.85.
+    # learning rate: with 256 bins at 5e-4 it reached cos_true 0.73 in 400 steps, with these 0.85. The CLIP
+    # trains with hard negatives (captions one shape or colour away): zero-shot shape on held-out pairs 0.65 -> 0.89.
     "full": {
         "root": "outputs",
         "clip": ("model.module.model_name=unclip-tiny", "trainer.max_steps=600", "trainer.val_check_interval=300",
-                 "data.batch_size=256", "optim.optimizer.lr=1e-3", "optim.warmup_steps=50"),
+                 "data.batch_size=256", "optim.optimizer.lr=1e-3", "optim.warmup_steps=50",
+                 "model.module.hard_negatives=true"),
         "diffusion_prior": ("trainer.max_steps=400", "trainer.val_check_interval=400", "model.module.val_pool=250"),
         "ar_prior": ("trainer.max_steps=400", "trainer.val_check_interval=400", "model.module.val_pool=250",
                      "model.module.tokenizer.bins=64", "optim.optimizer.lr=1e-3"),
