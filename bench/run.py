@@ -137,8 +137,9 @@ def main() -> None:
         rows += decoder.rows(threads=args.threads)
     if args.only in (None, "sampling"):
         from bench import sampling
+        from bench.diffusers_latency import diffusers_rows
 
-        rows += sampling.defaults_rows() + sampling.rows()
+        rows += sampling.defaults_rows() + sampling.rows() + diffusers_rows()
     if args.only in ("prior", "decoder", "sampling"):
         return report(rows, RESULTS.with_name(f"results_{args.only}.md"))
     with tempfile.TemporaryDirectory() as tmp:
