@@ -100,3 +100,29 @@ def test_hard_negatives_enter_the_loss_and_the_training_step(shapes_dir):
     assert torch.isfinite(loss) and module.model.token_embedding.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="hard_negatives=true needs every sample's attributes"):
         module.training_step({**batch, "meta": [{}] * len(batch["caption"])}, 0)
+
+
+def test_text_tower_on_captions_cut_by_length_equals_open_clips_encode_text():
+    """The training step's text tower runs on captions sorted by length and cut after each group's longest: for a
+    causal tower pooled at end-of-text this is the same function, values and gradients alike."""
+    from unclip.modules.clip_pretrain import encode_text_by_length, trimmable_text_tower
+
+    torch.manual_seed(0)
+    module = ClipPretrainModule("unclip-tiny")
+    assert module.trim_text and trimmable_text_tower(module.model)
+    captions = ["a red circle", "a large red circle in the left and a large blue square in the right", "box",
+                "top left: tiny crimson disc", "a picture of a medium-sized lemon five-pointed star in the upper right"]
+    tokens = module.tokenizer(captions)
+    assert int((tokens != 0).sum(1).min()) < 8 < int((tokens != 0).sum(1).max())  # lengths really differ
+    full = module.model.encode_text(tokens, normalize=True)
+    for groups in (1, 2, 3):
+        cut = encode_text_by_length(module.model, tokens, groups)
+        torch.testing.assert_close(cut, full, atol=1e-5, rtol=1e-4)
+    weights = torch.randn_like(full)
+    grad_full = torch.autograd.grad((full * weights).sum(), module.model.token_embedding.weight)[0]
+    grad_cut = torch.autograd.grad((encode_text_by_length(module.model, tokens) * weights).sum(),
+                                   module.model.token_embedding.weight)[0]
+    torch.testing.assert_close(grad_cut, grad_full, atol=1e-5, rtol=1e-4)
+    # a tower that attends both ways cannot be cut: the module then runs open_clip's own forward
+    module.model.attn_mask = torch.zeros_like(module.model.attn_mask)
+    assert not trimmable_text_tower(module.model)

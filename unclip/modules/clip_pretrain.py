@@ -12,11 +12,13 @@ pairs and zero-shot shape / colour accuracy from prompts built from the shapes v
 from __future__ import annotations
 
 import random
+from contextlib import nullcontext
 
 import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.loss import gather_features
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from unclip.clip import save_published
 from unclip.data.shapes import DEFAULT_HOLDOUT, VOCAB, hard_negative_caption
@@ -55,6 +57,39 @@ def zero_shot_attributes(clip_encode_text, z_img: torch.Tensor, metas: list[dict
     return out
 
 
+def trimmable_text_tower(model) -> bool:
+    """Whether ``model``'s text tower may run on captions cut short (:func:`encode_text_by_length`): open_clip's
+    built-in causal tower pooled at the end-of-text token, whose states before that token never see what follows."""
+    mask = getattr(model, "attn_mask", None)
+    return (all(hasattr(model, name) for name in ("transformer", "token_embedding", "positional_embedding", "ln_final"))
+            and getattr(model, "text_pool_type", None) == "argmax" and mask is not None
+            and torch.equal(torch.isneginf(mask), torch.ones_like(mask, dtype=torch.bool).triu(1)))
+
+
+def encode_text_by_length(model, tokens: torch.Tensor, groups: int = 2) -> torch.Tensor:
+    """open_clip's ``encode_text`` (normalised z_t) of token ids (B, L), computed on captions sorted by length in
+    ``groups`` groups, each cut after its longest caption. Exact for a causal tower pooled at the end-of-text
+    token (:func:`trimmable_text_tower`): the cut positions are padding that no kept position attends to. The
+    shapes captions fill 13 of the 32 positions on average, so the tower does less than half the work."""
+    lengths = tokens.argmax(-1) + 1  # the end-of-text token has the largest id
+    order = lengths.argsort()
+    cast = model.transformer.get_cast_dtype()
+    pooled = []
+    for part in order.chunk(groups):
+        n = int(lengths[part].max())
+        text = tokens[part, :n]
+        x = model.token_embedding(text).to(cast) + model.positional_embedding[:n].to(cast)
+        x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:n, :n]))
+        x = x[torch.arange(len(part), device=x.device), text.argmax(-1)]
+        projection = model.text_projection
+        if projection is not None:
+            x = projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
+        pooled.append(x)
+    out = torch.empty(len(tokens), pooled[0].shape[-1], dtype=pooled[0].dtype, device=tokens.device)
+    out[order] = torch.cat(pooled)
+    return F.normalize(out, dim=-1)
+
+
 def contrastive_loss_with_negatives(z_img: torch.Tensor, z_txt: torch.Tensor, all_img: torch.Tensor,
                                     all_txt: torch.Tensor, all_neg: torch.Tensor, logit_scale: torch.Tensor,
                                     offset: int = 0) -> torch.Tensor:
@@ -90,6 +125,10 @@ class ClipPretrainModule(UnclipModule):
         self.image_size = size[0] if isinstance(size, (tuple, list)) else size
         self.register_buffer("pixel_mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg["std"]).view(1, 3, 1, 1), persistent=False)
+        # channels_last: oneDNN's convolutions and batch norms run a ResNet image tower's bf16 step ~1.3x faster
+        # on a CPU (weights keep their values; the published state dict and the CLIP identity are unchanged)
+        self.model.visual.to(memory_format=torch.channels_last)
+        self.trim_text = trimmable_text_tower(self.model)
         self.loss_fn = open_clip.ClipLoss()
         self._val: dict[int, dict[str, list]] = {}
 
@@ -104,10 +143,22 @@ class ClipPretrainModule(UnclipModule):
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True).clamp(0, 1)
         return (x - self.pixel_mean) / self.pixel_std
 
+    def attention_kernels(self):
+        """On a CPU, attention as plain matmuls: at the text tower's 32 x 32 scores the fused kernel's backward is
+        the slowest op of the step (bf16: text tower forward + backward 1.26 -> 0.88 s for 512 captions)."""
+        return sdpa_kernel([SDPBackend.MATH]) if self.device.type == "cpu" and self.training else nullcontext()
+
     def encode(self, images: torch.Tensor, captions: list[str]):
+        """(z_img, z_txt, logit scale): open_clip's forward, with the text tower on captions cut by length
+        (:func:`encode_text_by_length`) where that is exact."""
         tokens = self.tokenizer(captions).to(self.device)
-        out = self.model(self.pixels(images), tokens)
-        return out if isinstance(out, tuple) else (out["image_features"], out["text_features"], out["logit_scale"])
+        pixels = self.pixels(images).contiguous(memory_format=torch.channels_last)
+        with self.attention_kernels():
+            if not self.trim_text:
+                out = self.model(pixels, tokens)
+                return out if isinstance(out, tuple) else (out["image_features"], out["text_features"], out["logit_scale"])
+            z_img = self.model.encode_image(pixels, normalize=True)
+            return z_img, encode_text_by_length(self.model, tokens), self.model.logit_scale.exp()
 
     def negative_captions(self, metas: list[dict]) -> list[str]:
         captions = [hard_negative_caption(meta, self.negative_rng, self.holdout) for meta in metas]
