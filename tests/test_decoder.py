@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from test_train_cli import common, run_cli
 from unclip.diffusion import Sampler
@@ -98,6 +99,31 @@ def test_condition_dropout_rates(tiny_clip):
     module.eval()
     module.loss(batch)
     assert not module.net.drops[0].any() and not module.net.drops[1].any()  # validation keeps every condition
+
+
+def test_image_noise_moves_training_embeddings_off_the_data_and_leaves_validation_alone(tiny_clip):
+    seen = []
+
+    class RecordingEmbeddings(RecordingNet):
+        def forward(self, x, t, z, tokens, mask, drop_image, drop_text):
+            seen.append(z)
+            return x * self.weight
+
+    module = DecoderModule(tiny_unet_config(), DIFFUSION, SAMPLER, clip=tiny_clip, image_noise=0.5)
+    module.net = RecordingEmbeddings(module.net.config)
+    n = 2000
+    z_img = torch.randn(n, 128)
+    batch = {"image": torch.zeros(n, 3, 4, 4), "img_emb": z_img, "caption": [""] * n}
+    torch.manual_seed(0)
+    module.train()
+    module.loss(batch)
+    cos = F.cosine_similarity(seen[-1], z_img, dim=-1)
+    # levels uniform in [0, 0.5]: cos 1/sqrt(1 + level^2) between 0.89 and 1, about 0.96 on average
+    assert cos.min() > 0.8 and cos.max() > 0.999 and 0.93 < cos.mean() < 0.99
+    torch.testing.assert_close(seen[-1].norm(dim=-1), torch.full((n,), 128 ** 0.5))  # the net's scale is kept
+    module.eval()
+    module.loss(batch)
+    torch.testing.assert_close(F.cosine_similarity(seen[-1], z_img, dim=-1), torch.ones(n))
 
 
 def test_tiny_decoder_overfits_a_few_images(tiny_clip):

@@ -256,3 +256,24 @@ def test_the_grid_marks_held_out_and_two_object_rows_and_an_extra_blob_is_wrong(
 
     with Image.open(path) as image:
         assert image.width > 2 * 18 + 100 and image.height == len(rows) * 18 + 2  # a label strip beside the images
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_every_training_stage_of_the_demo_composes_with_its_overrides(profile):
+    """A mistyped override would fail a demo only minutes in; composing every stage's command line here
+    catches it, and checks the prior guidance lands where the modules read it."""
+    from hydra import compose, initialize_config_dir
+
+    plan = {s.name: s for s in stages(PROFILES[profile], "bf16-mixed")}
+    composed = {}
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for name, stage in plan.items():
+            if stage.args[0] == "train.py":
+                composed[name] = compose("train", overrides=list(stage.args[1:]))
+    assert set(composed) == {"clip", "decoder", "upsampler", "diffusion_prior", "ar_prior", "contrastive_prior"}
+    assert all(cfg.trainer.precision == "bf16-mixed" for cfg in composed.values())
+    if profile == "full":
+        assert composed["diffusion_prior"].sampler.guidance_scale == 3
+        assert composed["ar_prior"].model.module.sampling.guidance_scale == 3
+        assert composed["contrastive_prior"].model.module.guidance_scale == 1
+        assert composed["clip"].model.module.hard_negatives
