@@ -251,6 +251,8 @@ def test_the_grid_marks_held_out_and_two_object_rows_and_an_extra_blob_is_wrong(
     singles = sum(g == "single" for g, _, _ in rows)
     assert scores["attr_acc"] == scores["attr_acc_two"] == scores["right_held-out"] == scores["right_two"] == 1.0
     assert scores["right_single"] == pytest.approx(1 - 1 / singles)  # row 0 drew a second blob
+    assert scores["rows"][0] == {"prompt": rows[0][1], "right": 0.0, "count": 0.0}  # ...and its row says why
+    assert all(r["right"] == r["count"] == 1.0 for r in scores["rows"][1:])
     path = save_grid(torch.zeros(len(rows) * 2, 3, 16, 16), 2, tmp_path / "grid.png", row_labels=[p for _, p, _ in rows])
     from PIL import Image
 
@@ -277,3 +279,15 @@ def test_every_training_stage_of_the_demo_composes_with_its_overrides(profile):
         assert composed["ar_prior"].model.module.sampling.guidance_scale == 3
         assert composed["contrastive_prior"].model.module.guidance_scale == 1
         assert composed["clip"].model.module.hard_negatives
+
+
+def test_regridding_names_bad_arguments_and_needs_a_finished_demo(monkeypatch, tmp_path):
+    import unclip.demo as demo
+
+    with pytest.raises(SystemExit, match="bad argument 'prior_guidance=high'.*samples=N"):
+        demo.regrid(["prior_guidance=high"])
+    with pytest.raises(SystemExit, match="bad argument 'samples=0'"):
+        demo.regrid(["samples=0"])
+    monkeypatch.setitem(demo.PROFILES, "full", {**PROFILES["full"], "root": str(tmp_path)})
+    with pytest.raises(SystemExit, match="grids need a finished demo; missing stages: data, clip"):
+        demo.main(["grids", "samples=4", "prior_guidance=3"])

@@ -278,6 +278,8 @@ def score_grid(classifier, pixels, rows: list[tuple[str, str, list[dict]]], n: i
     per_image = [score_predictions(CellPredictions(pred.shape[i:i + 1], pred.color[i:i + 1], pred.size[i:i + 1]),
                                    [labels[i]])["attr_prompt"] == 1.0 and exact[i] for i in range(len(labels))]
     scores["right"] = sum(per_image) / len(per_image)
+    scores["rows"] = [{"prompt": prompt, "right": sum(per_image[r * n:(r + 1) * n]) / n,
+                       "count": sum(exact[r * n:(r + 1) * n]) / n} for r, (_, prompt, _) in enumerate(rows)]
     for group in PROMPTS:
         index = [i for i, g in enumerate(groups) if g == group]
         picked = CellPredictions(pred.shape[index], pred.color[index], pred.size[index])
@@ -286,16 +288,18 @@ def score_grid(classifier, pixels, rows: list[tuple[str, str, list[dict]]], n: i
     return scores
 
 
-def sample_grids(root: Path, timings: dict, priors: list[str], precision: str = "32-true", **settings) -> dict:
-    """For each prior: prompts × samples through the pipeline, a PNG grid with each row marked by its group,
-    and the attribute accuracy per group."""
+def sample_grids(root: Path, timings: dict, priors: list[str], precision: str = "32-true", samples: int = SAMPLES_PER_PROMPT,
+                 out: Path | None = None, **settings) -> dict:
+    """For each prior: prompts × samples through the pipeline, a PNG grid with each row marked by its group
+    (in ``out``, default ROOT/demo), the attribute accuracy per group and each row's share of right samples."""
     import torch
 
     from unclip.eval.attributes import load_classifier
     from unclip.pipeline import UnCLIPPipeline
     from unclip.sampling import save_grid
 
-    artifacts, demo = root / "artifacts", root / "demo"
+    artifacts, demo = root / "artifacts", out or root / "demo"
+    demo.mkdir(parents=True, exist_ok=True)
     classifier = load_classifier(artifacts / "attributes" / "shapes.pt")
     upsamplers = ["upsampler"] if (artifacts / "upsampler" / "shapes.ckpt").exists() else []
     rows = grid_rows()
@@ -307,12 +311,13 @@ def sample_grids(root: Path, timings: dict, priors: list[str], precision: str = 
         pipe = UnCLIPPipeline.from_checkpoints(decoder="decoder", prior=prior, upsamplers=upsamplers, artifacts=artifacts,
                                                device="auto", precision=precision)
         with torch.no_grad():
-            out = pipe.generate(prompts, n=SAMPLES_PER_PROMPT, seed=0, **settings)
-        grid = save_grid(out.pixels, SAMPLES_PER_PROMPT, demo / f"grid_{prior}.png", row_labels=marks)
-        scores = score_grid(classifier, out.pixels, rows, SAMPLES_PER_PROMPT)
-        results[prior] = {"grid": str(grid), **{k: round(float(v), 4) for k, v in scores.items()}}
+            drawn = pipe.generate(prompts, n=samples, seed=0, **settings)
+        grid = save_grid(drawn.pixels, samples, demo / f"grid_{prior}.png", row_labels=marks)
+        scores = score_grid(classifier, drawn.pixels, rows, samples)
+        per_row = scores.pop("rows")
+        results[prior] = {"grid": str(grid), **{k: round(float(v), 4) for k, v in scores.items()}, "rows": per_row}
         timings[f"grid_{prior}"] = round(time.perf_counter() - start, 1)
-        print(f"[demo] {grid}: {results[prior]}", flush=True)
+        print(f"[demo] {grid}: {({k: v for k, v in results[prior].items() if k != 'rows'})}", flush=True)
     (demo / "prompts.txt").write_text("\n".join(f"row {i}: {m}" for i, m in enumerate(marks)) + "\n")
     return results
 
@@ -356,8 +361,64 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
+GRID_SETTINGS = {"prior_guidance": float, "decoder_guidance": float, "prior_steps": int, "decoder_steps": int,
+                 "upsampler_steps": int}
+
+
+def regrid(argv: list[str]) -> dict:
+    """``python -m unclip.demo grids [profile=full] [samples=16] [prior_guidance=3] [decoder_guidance=5]
+    [prior_steps=N] [decoder_steps=N] [upsampler_steps=N] [priors=diffusion_prior,ar_prior] [precision=auto]``:
+    the grids again from a finished demo's stages with other sampling settings and more samples per prompt
+    (the A/Bs in the README), written with ``results.json`` (per row too) to ``DEMO/grids/<settings>/``."""
+    name, samples, precision, settings, priors = "full", 16, "auto", {}, None
+    usage = ("usage: python -m unclip.demo grids [profile=full|fast] [samples=N] [priors=KIND,...] [precision=...] "
+             f"[{'] ['.join(f'{k}=...' for k in GRID_SETTINGS)}]")
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        try:
+            if key == "profile" and value in PROFILES:
+                name = value
+            elif key == "samples" and int(value) > 0:
+                samples = int(value)
+            elif key == "precision" and value in PRECISIONS:
+                precision = value
+            elif key == "priors" and value:
+                priors = value.split(",")
+            elif key in GRID_SETTINGS:
+                settings[key] = GRID_SETTINGS[key](value)
+            else:
+                raise ValueError
+        except ValueError:
+            raise SystemExit(f"bad argument {arg!r}; {usage}") from None
+    profile = PROFILES[name]
+    root = ROOT / profile["root"]
+    plan = stages(profile)
+    missing = [s.name for s in plan if not s.done.exists()]
+    if missing:
+        raise SystemExit(f"[demo] grids need a finished demo; missing stages: {', '.join(missing)} (run make demo)")
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    settings = {**profile["grids"], **settings}
+    tag = "_".join(f"{k}{v:g}" for k, v in sorted(settings.items())) or "defaults"
+    out = root / "demo" / "grids" / f"n{samples}_{tag}"
+    precision = auto_precision() if precision == "auto" else precision
+    results = sample_grids(root, {}, priors or trained_priors(plan), precision, samples, out, **settings)
+    (out / "results.json").write_text(json.dumps({"profile": name, "samples": samples, "settings": settings, **results},
+                                                 indent=1))
+    for prior, scores in results.items():
+        for row in scores["rows"]:
+            print(f"[demo] {prior}: {row['prompt']}: right {row['right']:.2f}, named number of objects {row['count']:.2f}")
+    print(f"[demo] {out / 'results.json'}", flush=True)
+    return results
+
+
 def main(argv: list[str] | None = None) -> None:
-    name, jobs, precision = parse_cli(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["grids"]:
+        regrid(argv[1:])
+        return
+    name, jobs, precision = parse_cli(argv)
     stop_on_sigterm()
     profile = PROFILES[name]
     root = ROOT / profile["root"]
