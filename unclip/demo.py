@@ -289,7 +289,7 @@ def score_grid(classifier, pixels, rows: list[tuple[str, str, list[dict]]], n: i
 
 
 def sample_grids(root: Path, timings: dict, priors: list[str], precision: str = "32-true", samples: int = SAMPLES_PER_PROMPT,
-                 out: Path | None = None, **settings) -> dict:
+                 out: Path | None = None, decoder: str = "decoder", **settings) -> dict:
     """For each prior: prompts × samples through the pipeline, a PNG grid with each row marked by its group
     (in ``out``, default ROOT/demo), the attribute accuracy per group and each row's share of right samples."""
     import torch
@@ -308,7 +308,7 @@ def sample_grids(root: Path, timings: dict, priors: list[str], precision: str = 
     results = {}
     for prior in priors:
         start = time.perf_counter()
-        pipe = UnCLIPPipeline.from_checkpoints(decoder="decoder", prior=prior, upsamplers=upsamplers, artifacts=artifacts,
+        pipe = UnCLIPPipeline.from_checkpoints(decoder=decoder, prior=prior, upsamplers=upsamplers, artifacts=artifacts,
                                                device="auto", precision=precision)
         with torch.no_grad():
             drawn = pipe.generate(prompts, n=samples, seed=0, **settings)
@@ -367,11 +367,13 @@ GRID_SETTINGS = {"prior_guidance": float, "decoder_guidance": float, "prior_step
 
 def regrid(argv: list[str]) -> dict:
     """``python -m unclip.demo grids [profile=full] [samples=16] [prior_guidance=3] [decoder_guidance=5]
-    [prior_steps=N] [decoder_steps=N] [upsampler_steps=N] [priors=diffusion_prior,ar_prior] [precision=auto]``:
+    [prior_steps=N] [decoder_steps=N] [upsampler_steps=N] [priors=diffusion_prior,ar_prior] [decoder=decoder/NAME]
+    [precision=auto]``:
     the grids again from a finished demo's stages with other sampling settings and more samples per prompt
     (the A/Bs in the README), written with ``results.json`` (per row too) to ``DEMO/grids/<settings>/``."""
-    name, samples, precision, settings, priors = "full", 16, "auto", {}, None
-    usage = ("usage: python -m unclip.demo grids [profile=full|fast] [samples=N] [priors=KIND,...] [precision=...] "
+    name, samples, precision, settings, priors, decoder = "full", 16, "auto", {}, None, "decoder"
+    usage = ("usage: python -m unclip.demo grids [profile=full|fast] [samples=N] [priors=KIND,...] [decoder=decoder/NAME] "
+             "[precision=...] "
              f"[{'] ['.join(f'{k}=...' for k in GRID_SETTINGS)}]")
     for arg in argv:
         key, _, value = arg.partition("=")
@@ -384,6 +386,8 @@ def regrid(argv: list[str]) -> dict:
                 precision = value
             elif key == "priors" and value:
                 priors = value.split(",")
+            elif key == "decoder" and value:
+                decoder = value
             elif key in GRID_SETTINGS:
                 settings[key] = GRID_SETTINGS[key](value)
             else:
@@ -400,10 +404,11 @@ def regrid(argv: list[str]) -> dict:
 
     torch.set_num_threads(os.cpu_count() or 1)
     settings = {**profile["grids"], **settings}
-    tag = "_".join(f"{k}{v:g}" for k, v in sorted(settings.items())) or "defaults"
+    tag = "_".join([*(f"{k}{v:g}" for k, v in sorted(settings.items())), *([decoder.replace("/", "-")] if decoder != "decoder"
+                                                                            else [])]) or "defaults"
     out = root / "demo" / "grids" / f"n{samples}_{tag}"
     precision = auto_precision() if precision == "auto" else precision
-    results = sample_grids(root, {}, priors or trained_priors(plan), precision, samples, out, **settings)
+    results = sample_grids(root, {}, priors or trained_priors(plan), precision, samples, out, decoder, **settings)
     (out / "results.json").write_text(json.dumps({"profile": name, "samples": samples, "settings": settings, **results},
                                                  indent=1))
     for prior, scores in results.items():
