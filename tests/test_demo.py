@@ -228,7 +228,7 @@ def test_the_grid_marks_held_out_and_two_object_rows_and_an_extra_blob_is_wrong(
 
     import unclip.eval.attributes as attributes
     from unclip.data.shapes import DEFAULT_HOLDOUT
-    from unclip.demo import grid_rows, score_grid
+    from unclip.demo_grids import grid_rows, score_grid
     from unclip.eval.attributes import CellPredictions, objects_from_caption
     from unclip.sampling import save_grid
 

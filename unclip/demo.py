@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from unclip.demo_grids import PROMPTS, SAMPLES_PER_PROMPT, grid_rows, sample_grids, score_grid  # noqa: F401
+from unclip.demo_grids import sample_grids
 from unclip.precision import PRECISIONS, auto_precision
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -271,9 +271,8 @@ def regrid(argv: list[str]) -> dict:
     the grids again from a finished demo's stages with other sampling settings and more samples per prompt
     (the A/Bs in the README), written with ``results.json`` (per row too) to ``DEMO/grids/<settings>/``."""
     name, samples, precision, settings, priors, decoder = "full", 16, "auto", {}, None, "decoder"
-    usage = ("usage: python -m unclip.demo grids [profile=full|fast] [samples=N] [priors=KIND,...] [decoder=decoder/NAME] "
-             "[precision=...] "
-             f"[{'] ['.join(f'{k}=...' for k in GRID_SETTINGS)}]")
+    usage = (f"usage: python -m unclip.demo grids [profile={'|'.join(PROFILES)}] [samples=N] [priors=KIND,...] "
+             f"[decoder=decoder/NAME] [precision={'|'.join(PRECISIONS)}] [{'] ['.join(f'{k}=...' for k in GRID_SETTINGS)}]")
     for arg in argv:
         key, _, value = arg.partition("=")
         try:
@@ -303,8 +302,8 @@ def regrid(argv: list[str]) -> dict:
 
     torch.set_num_threads(os.cpu_count() or 1)
     settings = {**profile["grids"], **settings}
-    tag = "_".join([*(f"{k}{v:g}" for k, v in sorted(settings.items())), *([decoder.replace("/", "-")] if decoder != "decoder"
-                                                                            else [])]) or "defaults"
+    parts = [f"{k}{v:g}" for k, v in sorted(settings.items())] + ([decoder.replace("/", "-")] if decoder != "decoder" else [])
+    tag = "_".join(parts) or "defaults"
     out = root / "demo" / "grids" / f"n{samples}_{tag}"
     precision = auto_precision() if precision == "auto" else precision
     results = sample_grids(root, {}, priors or trained_priors(plan), precision, samples, out, decoder, **settings)

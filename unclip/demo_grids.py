@@ -102,8 +102,9 @@ def sample_grids(root: Path, timings: dict, priors: list[str], precision: str = 
         grid = save_grid(drawn.pixels, samples, demo / f"grid_{prior}.png", row_labels=marks)
         scores = score_grid(classifier, drawn.pixels, rows, samples)
         per_row = scores.pop("rows")
-        results[prior] = {"grid": str(grid), **{k: round(float(v), 4) for k, v in scores.items()}, "rows": per_row}
+        summary = {"grid": str(grid), **{k: round(float(v), 4) for k, v in scores.items()}}
+        results[prior] = {**summary, "rows": per_row}
         timings[f"grid_{prior}"] = round(time.perf_counter() - start, 1)
-        print(f"[demo] {grid}: {({k: v for k, v in results[prior].items() if k != 'rows'})}", flush=True)
+        print(f"[demo] {grid}: {summary}", flush=True)
     (demo / "prompts.txt").write_text("\n".join(f"row {i}: {m}" for i, m in enumerate(marks)) + "\n")
     return results
