@@ -270,7 +270,7 @@ def regrid(argv: list[str]) -> dict:
     [precision=auto]``:
     the grids again from a finished demo's stages with other sampling settings and more samples per prompt
     (the A/Bs in the README), written with ``results.json`` (per row too) to ``DEMO/grids/<settings>/``."""
-    name, samples, precision, settings, priors, decoder = "full", 16, "auto", {}, None, "decoder"
+    name, samples, precision, settings, priors, decoder = "full", 16, "auto", {}, None, "decoder/shapes"
     usage = (f"usage: python -m unclip.demo grids [profile={'|'.join(PROFILES)}] [samples=N] [priors=KIND,...] "
              f"[decoder=decoder/NAME] [precision={'|'.join(PRECISIONS)}] [{'] ['.join(f'{k}=...' for k in GRID_SETTINGS)}]")
     for arg in argv:
@@ -302,7 +302,7 @@ def regrid(argv: list[str]) -> dict:
 
     torch.set_num_threads(os.cpu_count() or 1)
     settings = {**profile["grids"], **settings}
-    parts = [f"{k}{v:g}" for k, v in sorted(settings.items())] + ([decoder.replace("/", "-")] if decoder != "decoder" else [])
+    parts = [f"{k}{v:g}" for k, v in sorted(settings.items())] + ([decoder.replace("/", "-")] if decoder != "decoder/shapes" else [])
     tag = "_".join(parts) or "defaults"
     out = root / "demo" / "grids" / f"n{samples}_{tag}"
     precision = auto_precision() if precision == "auto" else precision

@@ -76,7 +76,7 @@ def score_grid(classifier, pixels, rows: list[tuple[str, str, list[dict]]], n: i
 
 
 def sample_grids(root: Path, timings: dict, priors: list[str], precision: str = "32-true", samples: int = SAMPLES_PER_PROMPT,
-                 out: Path | None = None, decoder: str = "decoder", **settings) -> dict:
+                 out: Path | None = None, decoder: str = "decoder/shapes", **settings) -> dict:
     """For each prior: prompts × samples through the pipeline, a PNG grid with each row marked by its group
     (in ``out``, default ROOT/demo), the attribute accuracy per group and each row's share of right samples."""
     import torch
@@ -88,14 +88,16 @@ def sample_grids(root: Path, timings: dict, priors: list[str], precision: str = 
     artifacts, demo = root / "artifacts", out or root / "demo"
     demo.mkdir(parents=True, exist_ok=True)
     classifier = load_classifier(artifacts / "attributes" / "shapes.pt")
-    upsamplers = ["upsampler"] if (artifacts / "upsampler" / "shapes.ckpt").exists() else []
+    upsamplers = ["upsampler/shapes"] if (artifacts / "upsampler" / "shapes.ckpt").exists() else []
     rows = grid_rows()
     prompts = [prompt for _, prompt, _ in rows]
     marks = [f"{group}: {prompt}" for group, prompt, _ in rows]
     results = {}
+    # every stage by its demo name (KIND/shapes): a decoder trained beside it for an A/B (KIND/NAME) leaves the
+    # bare kind ambiguous
     for prior in priors:
         start = time.perf_counter()
-        pipe = UnCLIPPipeline.from_checkpoints(decoder=decoder, prior=prior, upsamplers=upsamplers, artifacts=artifacts,
+        pipe = UnCLIPPipeline.from_checkpoints(decoder=decoder, prior=f"{prior}/shapes", upsamplers=upsamplers, artifacts=artifacts,
                                                device="auto", precision=precision)
         with torch.no_grad():
             drawn = pipe.generate(prompts, n=samples, seed=0, **settings)
