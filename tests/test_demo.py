@@ -291,3 +291,22 @@ def test_regridding_names_bad_arguments_and_needs_a_finished_demo(monkeypatch, t
     monkeypatch.setitem(demo.PROFILES, "full", {**PROFILES["full"], "root": str(tmp_path)})
     with pytest.raises(SystemExit, match="grids need a finished demo; missing stages: data, clip"):
         demo.main(["grids", "samples=4", "prior_guidance=3"])
+
+
+def test_the_grids_find_the_demos_stages_beside_a_decoder_published_for_an_a_b(tmp_path):
+    """The demo publishes each stage as KIND/shapes; with decoder/noise beside decoder/shapes the bare kind is
+    ambiguous, so the grids name the demo's own stages."""
+    from unclip.demo_grids import demo_stage
+    from unclip.loading import resolve
+
+    plan = stages({**PROFILES["full"], "root": str(tmp_path)})
+    for stage in plan:
+        stage.done.parent.mkdir(parents=True, exist_ok=True)
+        stage.done.touch()
+    (tmp_path / "artifacts" / "decoder" / "noise.ckpt").touch()
+    artifacts = tmp_path / "artifacts"
+    with pytest.raises(FileNotFoundError, match="several stages"):
+        resolve("decoder", artifacts)
+    done = {s.name: s.done for s in plan}
+    for kind in ("decoder", "upsampler", "diffusion_prior", "ar_prior", "contrastive_prior"):
+        assert resolve(demo_stage(kind), artifacts) == done[kind]

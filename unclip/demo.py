@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from unclip.demo_grids import sample_grids
+from unclip.demo_grids import PUBLISHED, demo_stage, sample_grids
 from unclip.precision import PRECISIONS, auto_precision
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,7 +194,7 @@ def stages(profile: dict, precision: str | None = None) -> list[Stage]:
         return ("train.py", f"model={model}", *paths, *trainer, *overrides, *QUIET)
 
     def published(kind: str, suffix: str = ".ckpt") -> Path:
-        return artifacts / kind / f"shapes{suffix}"
+        return artifacts / kind / f"{PUBLISHED}{suffix}"
 
     cache = root / "cache" / "shapes" / "shapes_tiny" / "stats.npz"
     return [
@@ -270,7 +270,7 @@ def regrid(argv: list[str]) -> dict:
     [precision=auto]``:
     the grids again from a finished demo's stages with other sampling settings and more samples per prompt
     (the A/Bs in the README), written with ``results.json`` (per row too) to ``DEMO/grids/<settings>/``."""
-    name, samples, precision, settings, priors, decoder = "full", 16, "auto", {}, None, "decoder/shapes"
+    name, samples, precision, settings, priors, decoder = "full", 16, "auto", {}, None, demo_stage("decoder")
     usage = (f"usage: python -m unclip.demo grids [profile={'|'.join(PROFILES)}] [samples=N] [priors=KIND,...] "
              f"[decoder=decoder/NAME] [precision={'|'.join(PRECISIONS)}] [{'] ['.join(f'{k}=...' for k in GRID_SETTINGS)}]")
     for arg in argv:
@@ -302,7 +302,7 @@ def regrid(argv: list[str]) -> dict:
 
     torch.set_num_threads(os.cpu_count() or 1)
     settings = {**profile["grids"], **settings}
-    parts = [f"{k}{v:g}" for k, v in sorted(settings.items())] + ([decoder.replace("/", "-")] if decoder != "decoder/shapes" else [])
+    parts = [f"{k}{v:g}" for k, v in sorted(settings.items())] + ([decoder.replace("/", "-")] if decoder != demo_stage("decoder") else [])
     tag = "_".join(parts) or "defaults"
     out = root / "demo" / "grids" / f"n{samples}_{tag}"
     precision = auto_precision() if precision == "auto" else precision

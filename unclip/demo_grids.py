@@ -75,8 +75,17 @@ def score_grid(classifier, pixels, rows: list[tuple[str, str, list[dict]]], n: i
     return scores
 
 
+PUBLISHED = "shapes"  # the name every demo stage publishes under: ARTIFACTS/KIND/shapes.*
+
+
+def demo_stage(kind: str) -> str:
+    """The demo's own stage of ``kind`` (``KIND/shapes``): named, because a stage published beside it for an
+    A/B (``KIND/NAME``) makes the bare kind ambiguous."""
+    return f"{kind}/{PUBLISHED}"
+
+
 def sample_grids(root: Path, timings: dict, priors: list[str], precision: str = "32-true", samples: int = SAMPLES_PER_PROMPT,
-                 out: Path | None = None, decoder: str = "decoder/shapes", **settings) -> dict:
+                 out: Path | None = None, decoder: str = demo_stage("decoder"), **settings) -> dict:
     """For each prior: prompts × samples through the pipeline, a PNG grid with each row marked by its group
     (in ``out``, default ROOT/demo), the attribute accuracy per group and each row's share of right samples."""
     import torch
@@ -87,17 +96,15 @@ def sample_grids(root: Path, timings: dict, priors: list[str], precision: str = 
 
     artifacts, demo = root / "artifacts", out or root / "demo"
     demo.mkdir(parents=True, exist_ok=True)
-    classifier = load_classifier(artifacts / "attributes" / "shapes.pt")
-    upsamplers = ["upsampler/shapes"] if (artifacts / "upsampler" / "shapes.ckpt").exists() else []
+    classifier = load_classifier(artifacts / "attributes" / f"{PUBLISHED}.pt")
+    upsamplers = [demo_stage("upsampler")] if (artifacts / "upsampler" / f"{PUBLISHED}.ckpt").exists() else []
     rows = grid_rows()
     prompts = [prompt for _, prompt, _ in rows]
     marks = [f"{group}: {prompt}" for group, prompt, _ in rows]
     results = {}
-    # every stage by its demo name (KIND/shapes): a decoder trained beside it for an A/B (KIND/NAME) leaves the
-    # bare kind ambiguous
     for prior in priors:
         start = time.perf_counter()
-        pipe = UnCLIPPipeline.from_checkpoints(decoder=decoder, prior=f"{prior}/shapes", upsamplers=upsamplers, artifacts=artifacts,
+        pipe = UnCLIPPipeline.from_checkpoints(decoder=decoder, prior=demo_stage(prior), upsamplers=upsamplers, artifacts=artifacts,
                                                device="auto", precision=precision)
         with torch.no_grad():
             drawn = pipe.generate(prompts, n=samples, seed=0, **settings)
