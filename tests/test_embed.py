@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 
 from unclip.data.cache import load_stats, read_cache_shard, read_meta
@@ -178,3 +179,45 @@ def test_stats_cut_short_by_a_kill_are_rewritten_by_the_rerun(embed_cfg, cache_d
     assert sorted(stats) == sorted(expected)
     for name, value in expected.items():
         np.testing.assert_array_equal(stats[name], value, err_msg=name)
+
+
+def test_cached_token_states_reach_batches_and_condition_the_decoder_as_the_text_tower_does(embed_cfg, cache_dir, tiny_clip,
+                                                                                           shapes_dir, tmp_path):
+    from omegaconf import OmegaConf
+
+    from unclip.data.datamodule import CaptionImageDataModule
+    from unclip.modules.decoder import DecoderModule
+    from test_decoder import DIFFUSION, SAMPLER, tiny_unet_config
+
+    cached = tmp_path / "with_tokens"
+    meta = embed(OmegaConf.merge(embed_cfg, {"token_states": True, "data": {"cache_dir": str(cached)}}))
+    assert meta["token_states"] and meta["token_width"] == tiny_clip.text_width
+
+    decoder_fields = ["image", "img_emb", "txt_tok", "caption"]
+    dm = CaptionImageDataModule(train=str(shapes_dir / "train-*.tar"), fields=decoder_fields, cache_dir=str(cached),
+                                batch_size=8, image_size=16, shuffle=False)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    text = tiny_clip.encode_text(batch["caption"])
+    assert batch["txt_tok"].shape == (8, 32, tiny_clip.text_width)
+    assert torch.allclose(batch["txt_tok"], text.tokens * text.mask[..., None], atol=1e-2)  # fp16 in the cache
+
+    module = DecoderModule(tiny_unet_config(), DIFFUSION, SAMPLER, clip=tiny_clip, text_cond=True)
+    tokens, mask = module.text_condition(batch["caption"], batch["txt_tok"])
+    fresh_tokens, fresh_mask = module.text_condition(batch["caption"])
+    assert torch.equal(mask, fresh_mask) and mask.shape[1] < 32  # trimmed to the longest caption, as on the fly
+    assert torch.allclose(tokens, fresh_tokens * fresh_mask[..., None], atol=1e-2)
+
+    priors = CaptionImageDataModule(train=str(shapes_dir / "train-*.tar"), fields=["img_emb", "txt_emb", "txt_tok", "caption"],
+                                    cache_dir=str(cached), batch_size=8, shuffle=False)
+    priors.setup()
+    assert next(iter(priors.train_dataloader()))["txt_tok"].shape == (8, 32, tiny_clip.text_width)
+
+    # a cache without token states serves the same stage without them (the module encodes the captions)
+    plain = CaptionImageDataModule(train=str(shapes_dir / "train-*.tar"), fields=decoder_fields, cache_dir=cache_dir,
+                                   batch_size=8, image_size=16, shuffle=False)
+    plain.setup()
+    assert "txt_tok" not in plain.fields and "txt_tok" not in next(iter(plain.train_dataloader()))
+    # ... and cannot gain them shard by shard
+    with pytest.raises(ValueError, match="built without caption token states"):
+        embed(OmegaConf.merge(embed_cfg, {"token_states": True}))

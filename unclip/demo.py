@@ -200,7 +200,8 @@ def stages(profile: dict, precision: str | None = None) -> list[Stage]:
     return [
         Stage("data", ("-m", "unclip.data.shapes", f"out={data}", "n=10000", "size=64", "shards=8"), data / "manifest.json"),
         Stage("clip", train("clip_pretrain", *profile["clip"]), published("clip", ".pt"), needs=("data",)),
-        Stage("embed", ("embed.py", *paths, "progress=false"), cache, needs=("clip",)),
+        # token states cached too: the priors and the decoder then skip the text tower a step (~120 s of CPU)
+        Stage("embed", ("embed.py", *paths, "progress=false", "token_states=true"), cache, needs=("clip",)),
         Stage("decoder", train("decoder", *profile["decoder"]), published("decoder"), needs=("embed",)),
         Stage("attributes", ("train_classifier.py", *paths, *profile["attributes"]), published("attributes", ".pt"),
               needs=("data",)),

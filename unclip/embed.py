@@ -90,6 +90,17 @@ class ShardEmbedder:
         return {"rows": rows, "keys": out["keys"], "captions": out["captions"]}, skips.total
 
 
+def cache_token_states(meta: dict, wanted: bool, cache_dir) -> bool:
+    """Whether this run caches caption token states: every shard of a cache holds them or none does, so a
+    cache that has them keeps them, and one embedded without them cannot gain them shard by shard."""
+    if meta.get("token_states"):
+        return True
+    if wanted and meta["counts"]:
+        raise ValueError(f"embedding cache {cache_dir} was built without caption token states; to cache them, embed "
+                         f"into a new data.cache_dir (or delete this one) with token_states=true")
+    return wanted
+
+
 def embed(cfg: DictConfig) -> dict:
     """Embeds every split's shards that are not cached yet; returns the cache meta."""
     clip = instantiate(cfg.clip, _convert_="all").to(pick_device(cfg.get("device", "auto")))
@@ -101,7 +112,10 @@ def embed(cfg: DictConfig) -> dict:
         cache_lib.check_identity(meta, identity, cache_dir)
     except FileNotFoundError:
         meta = {"clip": identity, "dim": clip.embed_dim, "chunk_size": int(cfg.chunk_size), "counts": {}, "skipped": {}, "splits": {}}
-    embedder = ShardEmbedder(clip, batch_size=int(cfg.batch_size), token_states=bool(cfg.token_states))
+    token_states = cache_token_states(meta, bool(cfg.token_states), cache_dir)
+    if token_states:
+        meta["token_states"], meta["token_width"] = True, int(clip.text_width)
+    embedder = ShardEmbedder(clip, batch_size=int(cfg.batch_size), token_states=token_states)
     todo = []
     for split in cfg.splits:
         spec = cfg.data.get(split)

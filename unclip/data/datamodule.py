@@ -1,6 +1,7 @@
 """One DataModule for every stage: webdataset caption-image shards and their chunked embedding cache.
 
-A stage names the fields it needs (``img_emb txt_emb caption image image_lowres``):
+A stage names the fields it needs (``img_emb txt_emb txt_tok caption image image_lowres``; ``txt_tok``, the
+caption's token states, is served when the cache holds them and dropped otherwise):
 
 * embeddings only (priors): cache shards are streamed, chunks shuffled in a small buffer with one
   vectorised permutation, and whole batches cut from them; no image shard is ever opened;
@@ -39,7 +40,7 @@ from unclip.data.streams import EmbeddingBatches, SampleBatches, ShardStream
 
 log = logging.getLogger(__name__)
 
-FIELDS = ("img_emb", "txt_emb", "caption", "image", "image_lowres", "meta")  # meta: the parsed KEY.json
+FIELDS = ("img_emb", "txt_emb", "txt_tok", "caption", "image", "image_lowres", "meta")  # meta: the parsed KEY.json
 
 
 def as_is(batch: dict) -> dict:
@@ -121,6 +122,11 @@ class CaptionImageDataModule(pl.LightningDataModule):
             if self.embed_dim and self.cache_meta.get("dim") != self.embed_dim:
                 raise ValueError(f"embedding dim {self.cache_meta.get('dim')} in cache {self.cache_dir} does not match "
                                  f"clip.embed_dim {self.embed_dim}; rerun `python embed.py` or set clip=...")
+            if "txt_tok" in self.fields and not self.cache_meta.get("token_states"):
+                # optional: the module computes the token states from the captions with the frozen text tower
+                log.info("embedding cache %s holds no caption token states (python embed.py token_states=true caches "
+                         "them); they are computed on the fly", self.cache_dir)
+                self.fields = tuple(f for f in self.fields if f != "txt_tok")
         trainer = getattr(self, "trainer", None)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         for split in self.splits():
@@ -135,7 +141,7 @@ class CaptionImageDataModule(pl.LightningDataModule):
     def build(self, split: str) -> ShardStream:
         urls = self.source_urls(split)
         training = split == "train"
-        dims = {f: self.cache_meta["dim"] for f in EMBEDDING_FIELDS} if self.cache_meta else None
+        dims = self.row_widths()
         common = dict(mode=self.mode if training else "exact", seed=self.seed, shuffle=self.shuffle and training,
                       drop_last=training, batches_per_epoch=self.batches_per_epoch if training else None)
         batch_size = self.batch_size if training else self.val_batch_size
@@ -160,6 +166,15 @@ class CaptionImageDataModule(pl.LightningDataModule):
                              cache_dir=self.cache_dir, dims=dims, shuffle_buffer=self.shuffle_buffer,
                              on_missing_embedding=self.on_missing_embedding, partitioned=partitioned,
                              sizes=shard_sizes(urls, None if partitioned else self.cache_meta), **common)
+
+    def row_widths(self) -> dict[str, int] | None:
+        """The last dimension each cached field must have: the embedding dim, the text tower's width for token states."""
+        if not self.cache_meta:
+            return None
+        widths = {"img_emb": self.cache_meta["dim"], "txt_emb": self.cache_meta["dim"]}
+        if self.cache_meta.get("token_width"):
+            widths["txt_tok"] = int(self.cache_meta["token_width"])
+        return widths
 
     def check_source_fields(self, url: str) -> None:
         """Fails at setup, naming the member, when the first sample of a shard lacks what the stage needs."""

@@ -16,7 +16,7 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 
-EMBEDDING_FIELDS = ("img_emb", "txt_emb")
+EMBEDDING_FIELDS = ("img_emb", "txt_emb", "txt_tok")  # txt_tok: (L, W) caption token states, when the cache holds them
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 
 

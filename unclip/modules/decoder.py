@@ -93,9 +93,14 @@ class DecoderModule(UnclipModule):
         level = torch.rand(len(z), 1, device=z.device) * self.image_noise
         return z + level * torch.randn_like(z) / math.sqrt(z.shape[-1])
 
-    def text_condition(self, captions) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def text_condition(self, captions, cached: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The caption's token states (B, L, W) and mask, trimmed to the longest caption: the cache's
+        (``txt_tok``, zero past each caption's end) when the batch has them, else the frozen text tower's."""
         if not self.text_cond:
             return None, None
+        if cached is not None:
+            tokens = cached.float().to(self.device)
+            return trim_padding(tokens, tokens.abs().sum(-1) > 0)
         text = self.clip.encode_text(list(captions))
         return trim_padding(text.tokens.float().to(self.device), text.mask.to(self.device))
 
@@ -104,7 +109,7 @@ class DecoderModule(UnclipModule):
         x0 = batch["image"]
         z_img = batch["img_emb"]
         z = self.image_condition(self.noised_embedding(z_img) if self.training and self.image_noise else z_img)
-        tokens, mask = self.text_condition(batch["caption"])
+        tokens, mask = self.text_condition(batch["caption"], batch.get("txt_tok"))
         b = len(x0)
         t = torch.randint(0, self.diffusion.num_timesteps, (b,), device=self.device)
         noise = torch.randn_like(x0)

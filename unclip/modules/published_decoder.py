@@ -55,9 +55,10 @@ class PublishedDecoderModule(DecoderModule):
         """z_i (B, D) as karlo reads it: unit-norm direction times ``image_norm``."""
         return F.normalize(z_img.float(), dim=-1) * self.image_norm
 
-    def text_condition(self, captions) -> tuple[torch.Tensor, torch.Tensor]:
+    def text_condition(self, captions, cached: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The caption as the net reads it: (raw z_t, token states) packed (B, 1 + L, D), mask (B, 1 + L); the
-        whole context (the published UNet's attention mask handling wants a fixed length)."""
+        whole context (the published UNet's attention mask handling wants a fixed length). Always the text
+        tower's: the cache's token states come without the un-normalised z_t this net reads (``cached`` unused)."""
         text = self.clip.encode_text(list(captions))
         return self.net.pack(text.pooled.to(self.device), text.tokens.float().to(self.device), text.mask.to(self.device))
 
