@@ -14,9 +14,12 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from unclip.data.cache import EMBEDDING_MEMBERS
+
 log = logging.getLogger(__name__)
 
-EMBEDDING_FIELDS = ("img_emb", "txt_emb", "txt_tok")  # txt_tok: (L, W) caption token states, when the cache holds them
+# every cache member a batch can carry (txt_tok: (L, W) caption token states, when the cache holds them)
+EMBEDDING_FIELDS = tuple(EMBEDDING_MEMBERS)
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 
 

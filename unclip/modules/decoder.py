@@ -19,7 +19,7 @@ from unclip.seeding import hash_seed
 from unclip.diffusion import GaussianDiffusion, Sampler, classifier_free_guidance, ddim_invert
 from unclip.modules.base import UnclipModule
 from unclip.modules.clip_pretrain import zero_shot_attributes
-from unclip.modules.prior import trim_padding
+from unclip.modules.prior import cached_token_states, trim_padding
 from unclip.nets.unet import UNet
 
 log = logging.getLogger(__name__)
@@ -99,8 +99,7 @@ class DecoderModule(UnclipModule):
         if not self.text_cond:
             return None, None
         if cached is not None:
-            tokens = cached.float().to(self.device)
-            return trim_padding(tokens, tokens.abs().sum(-1) > 0)
+            return trim_padding(*cached_token_states(cached.to(self.device)))
         text = self.clip.encode_text(list(captions))
         return trim_padding(text.tokens.float().to(self.device), text.mask.to(self.device))
 

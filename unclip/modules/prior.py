@@ -29,6 +29,13 @@ def trim_padding(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor
     return tokens[:, :used], mask[:, :used]
 
 
+def cached_token_states(txt_tok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Caption token states (B, L, W) read from the embedding cache, and their mask: embed.py stores them
+    zeroed past each caption's end, so a real token is one with any non-zero entry."""
+    tokens = txt_tok.float()
+    return tokens, tokens.abs().sum(-1) > 0
+
+
 def with_text_width(net: dict, clip=None, use_token_states: bool = True) -> dict:
     """The net config with the caption-token width filled in: 0 without token states, the text tower's
     width and context length with a CLIP, else the configured width (tokens read from the cache)."""
@@ -107,8 +114,7 @@ class PriorModule(UnclipModule):
         cond = {"z_txt": (z_txt - self.txt_mean) / self.txt_std, "z_txt_raw": z_txt, "tokens": None, "mask": None}
         if self.use_token_states:
             if "txt_tok" in batch:
-                tokens = batch["txt_tok"].float()
-                cond["tokens"], cond["mask"] = tokens, tokens.abs().sum(-1) > 0
+                cond["tokens"], cond["mask"] = cached_token_states(batch["txt_tok"])
             elif self.clip is None:
                 raise ValueError("use_token_states=true needs caption token states: cache them (embed token_states=true) "
                                  "or give the module the frozen CLIP (model.needs_clip=true)")
