@@ -105,7 +105,7 @@ def test_hard_negatives_enter_the_loss_and_the_training_step(shapes_dir):
 def test_text_tower_on_captions_cut_by_length_equals_open_clips_encode_text():
     """The training step's text tower runs on captions sorted by length and cut after each group's longest: for a
     causal tower pooled at end-of-text this is the same function, values and gradients alike."""
-    from unclip.modules.clip_pretrain import encode_text_by_length, trimmable_text_tower
+    from unclip.modules.clip_pretrain import encode_text_by_length, plain_attention_blocks, trimmable_text_tower
 
     torch.manual_seed(0)
     module = ClipPretrainModule("unclip-tiny")
@@ -118,11 +118,14 @@ def test_text_tower_on_captions_cut_by_length_equals_open_clips_encode_text():
     for groups in (1, 2, 3):
         cut = encode_text_by_length(module.model, tokens, groups)
         torch.testing.assert_close(cut, full, atol=1e-5, rtol=1e-4)
+    # the blocks run with the project's attention (plain matmuls when training on a CPU): same gradients
+    assert plain_attention_blocks(module.model.transformer)
     weights = torch.randn_like(full)
-    grad_full = torch.autograd.grad((full * weights).sum(), module.model.token_embedding.weight)[0]
-    grad_cut = torch.autograd.grad((encode_text_by_length(module.model, tokens) * weights).sum(),
-                                   module.model.token_embedding.weight)[0]
-    torch.testing.assert_close(grad_cut, grad_full, atol=1e-5, rtol=1e-4)
+    leaves = (module.model.token_embedding.weight, module.model.transformer.resblocks[0].attn.in_proj_weight)
+    grad_full = torch.autograd.grad((full * weights).sum(), leaves)
+    grad_cut = torch.autograd.grad((encode_text_by_length(module.model, tokens) * weights).sum(), leaves)
+    for cut, whole in zip(grad_cut, grad_full):
+        torch.testing.assert_close(cut, whole, atol=1e-5, rtol=1e-4)
     # a tower that attends both ways cannot be cut: the module then runs open_clip's own forward
     module.model.attn_mask = torch.zeros_like(module.model.attn_mask)
     assert not trimmable_text_tower(module.model)

@@ -218,7 +218,8 @@ CONFIG_FILE = "config.yaml"  # the resolved config of the run, in its directory
 # What may change when a run resumes: how long it runs, where it logs, how it is launched and where files
 # live (the same list Hydra leaves out of the run's folder name). Anything else makes it another run.
 RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.max_epochs", "trainer.enable_progress_bar", "logger", "launcher",
-                     "hydra", "paths", "ckpt_path", "publish", "data.num_workers", "data.pin_memory", "model.compile")
+                     "hydra", "paths", "ckpt_path", "publish", "data.num_workers", "data.pin_memory", "model.compile",
+                     "model.module.net.channels_last")  # a memory layout: the same function, the same parameters
 
 
 # Keys added after runs were stored, with the value that reproduces how those runs behaved: a stored config
