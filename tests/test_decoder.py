@@ -202,8 +202,23 @@ def test_a_channels_last_unet_computes_what_the_plain_one_does_and_keeps_its_wei
     assert {k: v.shape for k, v in fast.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
 
 
+def test_a_unet_reads_checkpoints_whose_attention_projections_were_1x1_convolutions():
+    """Decoders trained before the attention's q, k, v and output maps became linear layers stored them as
+    (out, in, 1) Conv1d weights: such a state dict loads, strictly, into the same function."""
+    torch.manual_seed(0)
+    net = UNet({**tiny_unet_config(embed_dim=16), "channels_last": True})
+    for p in net.parameters():
+        nn.init.normal_(p, std=0.05)
+    old = {k: v[..., None] if k.endswith(("attn.qkv.weight", "attn.proj.weight")) else v for k, v in net.state_dict().items()}
+    assert sum(v.dim() == 3 for v in old.values()) >= 2
+    loaded = UNet(tiny_unet_config(embed_dim=16))
+    loaded.load_state_dict(old)
+    x, t, z = torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), torch.randn(2, 16)
+    torch.testing.assert_close(loaded(x, t, z), net(x, t, z), atol=1e-5, rtol=1e-5)
+
+
 def test_unet_attention_equals_the_textbook_formula_and_feeds_the_fused_kernel_contiguous_heads(monkeypatch):
-    """Pixels and context tokens attend as softmax(q kᵀ/√d) v with the block's 1x1 convolutions as q, k, v;
+    """Pixels and context tokens attend as softmax(q kᵀ/√d) v with the block's per-pixel linear maps as q, k, v;
     the fused kernel gets q, k, v with the head dimension contiguous (else a CPU falls back to the math path)."""
     import torch.nn.functional as F
 
@@ -213,14 +228,14 @@ def test_unet_attention_equals_the_textbook_formula_and_feeds_the_fused_kernel_c
     block = randomise_zero_layers(AttentionBlock(32, 16, context_dim=24, groups=8))
     x, context = torch.randn(2, 32, 4, 4), torch.randn(2, 3, 24)
     valid = torch.tensor([[True, True, False], [True, True, True]])
-    qkv = F.conv1d(block.norm(x).flatten(2), block.qkv.weight, block.qkv.bias).view(2, 3, 2, 16, 16)
+    qkv = F.conv1d(block.norm(x).flatten(2), block.qkv.weight[..., None], block.qkv.bias).view(2, 3, 2, 16, 16)
     q, k, v = (part.transpose(-1, -2) for part in qkv.unbind(1))          # (B, heads, HW, d)
     ck, cv = block.context_kv(context).view(2, 3, 2, 2, 16).permute(2, 0, 3, 1, 4)
     k, v = torch.cat([ck, k], 2), torch.cat([cv, v], 2)
     scores = (q @ k.transpose(-1, -2)) / 4.0
     keys_valid = torch.cat([valid, torch.ones(2, 16, dtype=torch.bool)], 1)[:, None, None]
     y = scores.masked_fill(~keys_valid, float("-inf")).softmax(-1) @ v
-    expected = x + F.conv1d(y.transpose(-1, -2).reshape(2, 32, 16), block.proj.weight, block.proj.bias).view_as(x)
+    expected = x + F.conv1d(y.transpose(-1, -2).reshape(2, 32, 16), block.proj.weight[..., None], block.proj.bias).view_as(x)
     strides = []
     real = F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention",

@@ -90,20 +90,28 @@ class AttentionBlock(nn.Module):
         super().__init__()
         self.heads = max(1, channels // head_channels)
         self.norm = norm(channels, groups)
-        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        # q, k, v and the output projection act on each pixel alone: linear layers over (B, HW, C) pixel tokens
+        # (ADM's 1x1 convolutions, whose bf16 forward and backward oneDNN runs at a fifth of a matmul's rate)
+        self.qkv = nn.Linear(channels, 3 * channels)
         self.context_kv = nn.Linear(context_dim, 2 * channels) if context_dim else None
-        self.proj = zero(nn.Conv1d(channels, channels, 1))
+        self.proj = zero(nn.Linear(channels, channels))
+        self._register_load_state_dict_pre_hook(self.squeeze_conv_weights)
+
+    @staticmethod
+    def squeeze_conv_weights(state_dict, prefix, *args):
+        """Checkpoints written when q, k, v and the projection were 1x1 Conv1d layers: their (out, in, 1) weights
+        (and LoRA factors) are these linear layers' (out, in)."""
+        for key in [k for k in state_dict if k.startswith((prefix + "qkv.", prefix + "proj."))]:
+            if state_dict[key].dim() == 3 and state_dict[key].shape[-1] == 1:
+                state_dict[key] = state_dict[key].squeeze(-1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None, context_valid: torch.Tensor | None) -> torch.Tensor:
         b, c, hgt, wid = x.shape
         heads, d = self.heads, c // self.heads
-        # the 1x1 convolutions run as matmuls over (B, HW, C) pixel tokens: oneDNN's bf16 1x1 Conv1d (forward
-        # and backward) runs at a fifth of the matmul's rate, and in this layout q, k and v come out with the
-        # head dimension contiguous, as the fused (flash) CPU kernel needs; for channels_last input the
-        # tokens are a free view, and so is the output
+        # in this layout q, k and v come out with the head dimension contiguous, as the fused (flash) CPU kernel
+        # needs; for channels_last input the tokens are a free view, and so is the output
         tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, hgt * wid, c)
-        qkv = F.linear(tokens, self.qkv.weight.squeeze(-1), self.qkv.bias).view(b, hgt * wid, 3, heads, d)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, HW, d)
+        q, k, v = self.qkv(tokens).view(b, hgt * wid, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, HW, d)
         mask = None
         if context is not None and self.context_kv is not None:
             ck, cv = self.context_kv(context).view(b, -1, 2, heads, d).permute(2, 0, 3, 1, 4)
@@ -112,7 +120,7 @@ class AttentionBlock(nn.Module):
                 visible = torch.ones(b, hgt * wid, dtype=torch.bool, device=x.device)
                 mask = torch.cat([context_valid, visible], dim=1)[:, None, None, :]  # (B, 1, 1, Lc + HW)
         y = attention(q, k, v, mask).transpose(1, 2).reshape(b, hgt * wid, c)  # (B, HW, C)
-        out = F.linear(y, self.proj.weight.squeeze(-1), self.proj.bias).view(b, hgt, wid, c).permute(0, 3, 1, 2)
+        out = self.proj(y).view(b, hgt, wid, c).permute(0, 3, 1, 2)
         return x + (out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous())
 
 
