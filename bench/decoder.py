@@ -11,9 +11,9 @@ from bench.timing import comparison_rows, ours_steps_per_s, peer_steps_per_s, tr
 from unclip.modules.decoder import DecoderModule
 
 CONFIG = {"size": 64, "batch": 8, "dim": 64, "mults": [1, 2, 3, 4], "embed_dim": 512}
-# the demo's decoder (conf/model/decoder.yaml at the demo's batch): 32 px as 2x2 patches, v prediction
+# the demo's decoder (conf/model/decoder.yaml at the demo's batch): 32 px as 2x2 patches, v prediction, channels_last
 DEMO = {"size": 32, "batch": 32, "dim": 48, "mults": [1, 2, 2], "embed_dim": 512, "patch_size": 2, "num_res_blocks": 1,
-        "attention": [8, 4], "prediction": "v"}
+        "attention": [8, 4], "prediction": "v", "channels_last": True}
 
 
 class NoCLIP:
@@ -42,7 +42,8 @@ def peer(cfg: dict, steps: int = 3, repeats: int = 2) -> dict | None:
 
 def label_of(cfg: dict) -> str:
     label = f"{cfg['size']} px, batch {cfg['batch']}, width {cfg['dim']}, mults {cfg['mults']}"
-    return label + (f", {cfg['patch_size']}x{cfg['patch_size']} patches" if cfg.get("patch_size", 1) > 1 else "")
+    label += f", {cfg['patch_size']}x{cfg['patch_size']} patches" if cfg.get("patch_size", 1) > 1 else ""
+    return label + (", channels_last" if cfg.get("channels_last") else "")
 
 
 def rows(configs: tuple[dict, ...] = (CONFIG, DEMO), threads: int = 2) -> list[tuple[str, str, str]]:
