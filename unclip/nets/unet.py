@@ -116,7 +116,9 @@ class AttentionBlock(nn.Module):
         if context is not None and self.context_kv is not None:
             ck, cv = self.context_kv(context).view(b, -1, 2, heads, d).permute(2, 0, 3, 1, 4)
             k, v = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
-            if not bool(context_valid.all()):  # an all-visible mask is no mask: the fused kernel then runs unmasked
+            # an all-visible mask is no mask: the fused kernel then runs unmasked (eager only: under torch.compile
+            # the data-dependent check would break the graph, inside the UNet's loop, and so compile nothing)
+            if torch.compiler.is_compiling() or not bool(context_valid.all()):
                 visible = torch.ones(b, hgt * wid, dtype=torch.bool, device=x.device)
                 mask = torch.cat([context_valid, visible], dim=1)[:, None, None, :]  # (B, 1, 1, Lc + HW)
         y = attention(q, k, v, mask).transpose(1, 2).reshape(b, hgt * wid, c)  # (B, HW, C)
