@@ -114,3 +114,17 @@ def test_a_nan_guidance_and_k_1_are_refused_together(no_loading, tmp_path):
     assert message.startswith("2 problems") and "k=1: mode=interpolate needs an integer k >= 2" in message
     assert "decoder_steps=0: sampling steps must be an integer >= 1" in message
     assert sample_with(tmp_path, "precision=bf16") == "precision=bf16: must be one of auto | 32-true | bf16-mixed"
+
+
+@pytest.mark.parametrize("net", ["unet", "prior"])
+def test_a_net_config_key_no_net_has_is_named(net):
+    """A typo in a net's config, or a checkpoint written by another version of unclip, names the keys the net
+    lacks instead of failing with the dataclass's bare TypeError."""
+    from unclip.nets.prior_transformer import PriorTransformer
+    from unclip.nets.unet import UNet
+
+    build, config = {"unet": (UNet, {"image_size": 16, "channels": 16, "channel_mult": [1, 2], "groups": 8}),
+                     "prior": (PriorTransformer, {"dim": 32, "depth": 1, "heads": 2})}[net]
+    build(config)
+    with pytest.raises(ValueError, match=r"has no 'text_layers', 'widht' \(its keys: .*\); a checkpoint holding such keys"):
+        build({**config, "widht": 3, "text_layers": 2})

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from unclip.nets.layers import Block, causal_mask, init_gpt_weights
+from unclip.nets.layers import Block, causal_mask, init_gpt_weights, net_config
 from unclip.nets.prior_transformer import PrefixCache
 
 
@@ -49,7 +49,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 class ARTransformer(nn.Module):
     def __init__(self, config: ARConfig | dict):
         super().__init__()
-        self.config = c = config if isinstance(config, ARConfig) else ARConfig(**config)
+        self.config = c = net_config(ARConfig, config)
         self.text_proj = nn.Linear(c.text_width, c.dim) if c.text_width else None
         self.text_embed_proj = nn.Linear(c.embed_dim, c.dim)
         self.null_text_embed = nn.Parameter(torch.zeros(c.dim))

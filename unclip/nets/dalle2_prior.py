@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from unclip.nets.layers import net_config
+
 ATTENTION_SCALE = 16.0   # DALLE2-pytorch's cosine_sim_scale: q, k unit-norm, logits 16 cos(q, k)
 ROTARY_MAX_DIM = 32      # rotary on min(32, dim_head) features
 ROTARY_THETA = 10_000.0
@@ -188,7 +190,7 @@ class ContinuousTime(nn.Module):
 class Dalle2Prior(nn.Module):
     def __init__(self, config: Dalle2PriorConfig | dict):
         super().__init__()
-        self.config = c = config if isinstance(config, Dalle2PriorConfig) else Dalle2PriorConfig(**config)
+        self.config = c = net_config(Dalle2PriorConfig, config)
         if c.embed_dim != c.dim:
             raise ValueError(f"the DALLE2-pytorch prior's width is its embedding size ({c.dim}), but the CLIP's embed_dim "
                              f"is {c.embed_dim}; use the CLIP it was trained with")

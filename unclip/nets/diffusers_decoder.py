@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from unclip.nets.layers import net_config
+
 
 @dataclass
 class DiffusersDecoderConfig:
@@ -49,7 +51,7 @@ class DiffusersDecoder(nn.Module):
         from diffusers import UNet2DConditionModel  # an optional dependency: only published stages need it
         from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
 
-        self.config = c = config if isinstance(config, DiffusersDecoderConfig) else DiffusersDecoderConfig(**config)
+        self.config = c = net_config(DiffusersDecoderConfig, config)
         self.unet = UNet2DConditionModel(**c.unet)
         self.text_proj = UnCLIPTextProjModel(**c.text_proj)
         if self.unet.config.cross_attention_dim != self.text_proj.config.cross_attention_dim:

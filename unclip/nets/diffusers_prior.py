@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from unclip.nets.layers import net_config
+
 
 @dataclass
 class DiffusersPriorConfig:
@@ -41,7 +43,7 @@ class DiffusersPrior(nn.Module):
         super().__init__()
         from diffusers import PriorTransformer as Published  # an optional dependency: only published priors need it
 
-        self.config = c = config if isinstance(config, DiffusersPriorConfig) else DiffusersPriorConfig(**config)
+        self.config = c = net_config(DiffusersPriorConfig, config)
         self.prior = Published(**c.prior)
         p = self.prior.config
         out_dim = p.clip_embed_dim or p.embedding_dim

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
+from unclip.nets.layers import net_config
+
 
 @dataclass
 class DiffusersUpsamplerConfig:
@@ -44,7 +46,7 @@ class DiffusersUpsampler(nn.Module):
         super().__init__()
         from diffusers import UNet2DModel  # an optional dependency: only published stages need it
 
-        self.config = c = config if isinstance(config, DiffusersUpsamplerConfig) else DiffusersUpsamplerConfig(**config)
+        self.config = c = net_config(DiffusersUpsamplerConfig, config)
         self.first, self.last = UNet2DModel(**c.first), UNet2DModel(**c.last)
         for name, unet in (("first", self.first), ("last", self.last)):
             if unet.config.in_channels != 2 * c.in_channels or unet.config.out_channels not in (c.in_channels, 2 * c.in_channels):

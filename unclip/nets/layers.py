@@ -1,13 +1,27 @@
-"""Small building blocks shared by the nets: timestep embedding and a pre-LN transformer block with an
-optional key/value cache."""
+"""Small building blocks shared by the nets: their config check, timestep embedding and a pre-LN transformer
+block with an optional key/value cache."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+def net_config(cls, config):
+    """``config`` (a dict, or already a ``cls``) as the net's config dataclass ``cls``. Keys ``cls`` does not have
+    (a typo, or a checkpoint written by another version of unclip) are refused by name, not by a bare TypeError."""
+    if isinstance(config, cls):
+        return config
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(config) - set(known))
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no {', '.join(map(repr, unknown))} (its keys: {', '.join(known)}); a "
+                         f"checkpoint holding such keys was written by another version of unclip")
+    return cls(**config)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:

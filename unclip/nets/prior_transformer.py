@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from unclip.nets.layers import Block, causal_mask, init_gpt_weights, timestep_embedding
+from unclip.nets.layers import Block, causal_mask, init_gpt_weights, net_config, timestep_embedding
 
 
 @dataclass
@@ -40,7 +40,7 @@ class PrefixCache:
 class PriorTransformer(nn.Module):
     def __init__(self, config: PriorConfig | dict):
         super().__init__()
-        self.config = c = config if isinstance(config, PriorConfig) else PriorConfig(**config)
+        self.config = c = net_config(PriorConfig, config)
         self.text_proj = nn.Linear(c.text_width, c.dim) if c.text_width else None
         self.text_embed_proj = nn.Linear(c.embed_dim, c.dim)
         self.null_text_embed = nn.Parameter(torch.zeros(c.dim))  # stands in for z_t when the caption is dropped (CFG)

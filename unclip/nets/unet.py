@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from unclip.nets.layers import attention, timestep_embedding
+from unclip.nets.layers import attention, net_config, timestep_embedding
 
 
 @dataclass
@@ -160,7 +160,7 @@ class Stage(nn.Module):
 class UNet(nn.Module):
     def __init__(self, config: UNetConfig | dict):
         super().__init__()
-        self.config = c = config if isinstance(config, UNetConfig) else UNetConfig(**config)
+        self.config = c = net_config(UNetConfig, config)
         ch, emb_dim = c.channels, 4 * c.channels
         context_dim = ch * max(c.channel_mult) if (c.embed_dim or c.text_width) else 0
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
