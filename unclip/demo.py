@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from unclip.demo_grids import PUBLISHED, demo_stage, sample_grids
+from unclip.demo_grids import COMPOSE, PUBLISHED, demo_stage, sample_grids
 from unclip.precision import PRECISIONS, auto_precision
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,13 +262,13 @@ def stop_on_sigterm() -> None:
 
 
 GRID_SETTINGS = {"prior_guidance": float, "decoder_guidance": float, "prior_steps": int, "decoder_steps": int,
-                 "upsampler_steps": int}
+                 "upsampler_steps": int, "compose": str}
 
 
 def regrid(argv: list[str]) -> dict:
     """``python -m unclip.demo grids [profile=full] [samples=16] [prior_guidance=3] [decoder_guidance=5]
-    [prior_steps=N] [decoder_steps=N] [upsampler_steps=N] [priors=diffusion_prior,ar_prior] [decoder=decoder/NAME]
-    [precision=auto]``:
+    [prior_steps=N] [decoder_steps=N] [upsampler_steps=N] [compose=object_phrases] [priors=diffusion_prior,ar_prior]
+    [decoder=decoder/NAME] [precision=auto]``:
     the grids again from a finished demo's stages with other sampling settings and more samples per prompt
     (the A/Bs in the README), written with ``results.json`` (per row too) to ``DEMO/grids/<settings>/``."""
     name, samples, precision, settings, priors, decoder = "full", 16, "auto", {}, None, demo_stage("decoder")
@@ -287,7 +287,7 @@ def regrid(argv: list[str]) -> dict:
                 priors = value.split(",")
             elif key == "decoder" and value:
                 decoder = value
-            elif key in GRID_SETTINGS:
+            elif key in GRID_SETTINGS and (key != "compose" or value in COMPOSE):
                 settings[key] = GRID_SETTINGS[key](value)
             else:
                 raise ValueError
@@ -303,7 +303,7 @@ def regrid(argv: list[str]) -> dict:
 
     torch.set_num_threads(os.cpu_count() or 1)
     settings = {**profile["grids"], **settings}
-    parts = [f"{k}{v:g}" for k, v in sorted(settings.items())] + ([decoder.replace("/", "-")] if decoder != demo_stage("decoder") else [])
+    parts = [f"{k}{v:g}" if isinstance(v, (int, float)) else f"{k}-{v}" for k, v in sorted(settings.items())] + ([decoder.replace("/", "-")] if decoder != demo_stage("decoder") else [])
     tag = "_".join(parts) or "defaults"
     out = root / "demo" / "grids" / f"n{samples}_{tag}"
     precision = auto_precision() if precision == "auto" else precision

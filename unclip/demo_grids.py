@@ -84,6 +84,18 @@ def demo_stage(kind: str) -> str:
     return f"{kind}/{PUBLISHED}"
 
 
+COMPOSE = ("object_phrases", "whole_and_object_phrases", "split_and")  # unclip.composition.SPLITTERS
+
+
+def splitter(settings: dict) -> dict:
+    """The grid's sampling settings with ``compose`` (a splitter's name, or none) made the prompt splitter."""
+    if not settings.get("compose"):
+        return {k: v for k, v in settings.items() if k != "compose"}
+    from unclip.composition import splitter_named
+
+    return {**settings, "compose": splitter_named(settings["compose"])}
+
+
 def sample_grids(root: Path, timings: dict, priors: list[str], precision: str = "32-true", samples: int = SAMPLES_PER_PROMPT,
                  out: Path | None = None, decoder: str = demo_stage("decoder"), **settings) -> dict:
     """For each prior: prompts × samples through the pipeline, a PNG grid with each row marked by its group
@@ -107,7 +119,7 @@ def sample_grids(root: Path, timings: dict, priors: list[str], precision: str = 
         pipe = UnCLIPPipeline.from_checkpoints(decoder=decoder, prior=demo_stage(prior), upsamplers=upsamplers, artifacts=artifacts,
                                                device="auto", precision=precision)
         with torch.no_grad():
-            drawn = pipe.generate(prompts, n=samples, seed=0, **settings)
+            drawn = pipe.generate(prompts, n=samples, seed=0, **splitter(settings))
         grid = save_grid(drawn.pixels, samples, demo / f"grid_{prior}.png", row_labels=marks)
         scores = score_grid(classifier, drawn.pixels, rows, samples)
         per_row = scores.pop("rows")

@@ -16,7 +16,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -228,11 +228,14 @@ class UnCLIPPipeline:
     @torch.no_grad()
     def decode(self, z_img: torch.Tensor, generator: torch.Generator, guidance_scale: float | None = None,
                steps: int | str | None = None, captions: Sequence[str] | None = None, x_T: torch.Tensor | None = None,
-               eta: float | None = None, upsampler_steps: int | str | None = None) -> torch.Tensor:
-        """Pixels (B, 3, H, W) in [-1, 1]: the decoder at its resolution, then each upsampler in turn."""
+               eta: float | None = None, upsampler_steps: int | str | None = None,
+               weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Pixels (B, 3, H, W) in [-1, 1]: the decoder at its resolution, then each upsampler in turn. With
+        ``weights`` (K, B) each image is a conjunction (``unclip.composition``): z_img (K, B, D), K caption lists."""
         captions = list(captions) if captions is not None and self.decoder.text_cond else None
         with self.autocast():
-            x = self.decoder.sample(z_img.to(self.device), captions, generator, guidance_scale, steps, x_T, eta)
+            x = self.decoder.sample(z_img.to(self.device), captions, generator, guidance_scale, steps, x_T, eta,
+                                    weights=weights)
             for upsampler in self.upsamplers:
                 x = upsampler.upsample(x, steps=upsampler_steps, generator=generator)
         return x.float()
@@ -242,11 +245,22 @@ class UnCLIPPipeline:
                  prior_guidance: float | None = None, decoder_guidance: float | None = None,
                  prior_steps: int | str | None = None, decoder_steps: int | str | None = None,
                  upsampler_steps: int | str | None = None, negative_prompt: str | None = None,
-                 decoder_noise: torch.Tensor | None = None) -> UnCLIPOutput:
-        """n images per prompt: prior ẑ_i ~ p(z_i | y), then the decoder (and upsamplers) x ~ p(x | ẑ_i, y)."""
+                 decoder_noise: torch.Tensor | None = None, compose: Callable[[str], Sequence[str]] | None = None
+                 ) -> UnCLIPOutput:
+        """n images per prompt: prior ẑ_i ~ p(z_i | y), then the decoder (and upsamplers) x ~ p(x | ẑ_i, y).
+        ``compose`` splits a prompt into parts (``unclip.composition.split_and``, ``object_phrases``): a prompt of
+        several parts is sampled as their conjunction, a prior draw for each and one decode guided towards all."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         repeated = [p for p in prompts for _ in range(n)]
         generator = self.generator(seed, generator)
+        if compose is not None:
+            from unclip.composition import generate_composed
+
+            prior_options = {"guidance_scale": prior_guidance, "steps": prior_steps, "negative_prompt": negative_prompt}
+            decode_options = {"guidance_scale": decoder_guidance, "steps": decoder_steps, "x_T": decoder_noise,
+                              "upsampler_steps": upsampler_steps}
+            pixels, z_img = generate_composed(self, repeated, compose, generator, prior_options, decode_options)
+            return UnCLIPOutput(to_pil(pixels), pixels, z_img, self.clip.encode_text(repeated).z_txt)
         z_img = self.prior_sample(repeated, generator, prior_guidance, prior_steps, negative_prompt)
         pixels = self.decode(z_img, generator, decoder_guidance, decoder_steps, repeated, decoder_noise,
                              upsampler_steps=upsampler_steps)

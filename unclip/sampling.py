@@ -100,8 +100,11 @@ def run_mode(pipe: UnCLIPPipeline, cfg: DictConfig) -> tuple[UnCLIPOutput, int, 
     """The output, the grid's row length and a label per row."""
     stages = dict(decoder_guidance=cfg.decoder_guidance, decoder_steps=cfg.decoder_steps, upsampler_steps=cfg.upsampler_steps)
     if cfg.mode == "generate":
+        from unclip.composition import splitter_named
+
+        compose = splitter_named(cfg.compose) if cfg.get("compose") else None
         out = pipe.generate(list(cfg.prompts), n=cfg.n, seed=cfg.seed, prior_guidance=cfg.prior_guidance,
-                            prior_steps=cfg.prior_steps, negative_prompt=cfg.negative_prompt, **stages)
+                            prior_steps=cfg.prior_steps, negative_prompt=cfg.negative_prompt, compose=compose, **stages)
         return out, cfg.n, list(cfg.prompts)
     images = list(cfg.images)
     if cfg.mode == "vary":

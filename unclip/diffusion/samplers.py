@@ -58,6 +58,25 @@ def classifier_free_guidance(paired_fn: ModelFn, scale: float, learned_variance:
     return guided
 
 
+def composed_guidance(stacked_fn: ModelFn, weights: torch.Tensor, scale: float, learned_variance: bool = False) -> ModelFn:
+    """Composable Diffusion's conjunction (Liu et al. 2022, eq. 12): out = out_uncond + scale Σ_k w_k (out_k - out_uncond)
+    over K conditions, in one batched call. ``stacked_fn(xs, ts)`` evaluates condition k on rows [kB, (k+1)B) of its
+    batch and the unconditional model on the last B rows; ``weights`` (K, B) weigh each condition per sample (0 leaves
+    one out, so prompts with fewer parts share a batch). One condition of weight 1 is :func:`classifier_free_guidance`.
+    A learned variance is not guided: the first condition's is kept."""
+    k = weights.shape[0]
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = stacked_fn(torch.cat([x] * (k + 1)), torch.cat([t] * (k + 1))).unflatten(0, (k + 1, len(x)))
+        conds, uncond = out[:-1], out[-1]
+        w = weights.to(device=out.device, dtype=out.dtype).view(k, len(x), *[1] * (x.dim() - 1))
+        if learned_variance:
+            (mean_c, var_c), mean_u = conds.chunk(2, dim=2), uncond.chunk(2, dim=1)[0]
+            return torch.cat([mean_u + scale * (w * (mean_c - mean_u)).sum(0), var_c[0]], dim=1)
+        return uncond + scale * (w * (conds - uncond)).sum(0)
+    return guided
+
+
 # --------------------------------------------------------------------------------------- steps
 def step_t(diffusion: GaussianDiffusion, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(index into ``diffusion``'s tables, training step the model sees) for step ``i`` of a batch."""

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from unclip.seeding import hash_seed
-from unclip.diffusion import GaussianDiffusion, Sampler, classifier_free_guidance, ddim_invert
+from unclip.diffusion import GaussianDiffusion, Sampler, classifier_free_guidance, composed_guidance, ddim_invert
 from unclip.modules.base import UnclipModule
 from unclip.modules.clip_pretrain import zero_shot_attributes
 from unclip.modules.prior import cached_token_states, trim_padding
@@ -142,15 +142,31 @@ class DecoderModule(UnclipModule):
             lambda x, t: self.net(x, t, torch.cat([z, z]), pair_tokens, pair_mask, drop, drop), scale,
             learned_variance=self.net.config.learn_sigma)
 
+    def composed_model_fn(self, z_parts: torch.Tensor, weights: torch.Tensor, captions=None,
+                          guidance_scale: float | None = None):
+        """The denoiser for conjunctions (:func:`composed_guidance`): image b is guided towards each of its K parts,
+        part k conditioned on z_parts[k, b] (K, B, D) and its caption captions[k][b], weighted by weights[k, b]."""
+        scale = self.sampler.guidance_scale if guidance_scale is None else guidance_scale
+        k, b = z_parts.shape[:2]
+        z = self.image_condition(z_parts.flatten(0, 1).to(self.device))
+        z = torch.cat([z, z[:b]])  # the unconditional rows drop it
+        tokens, mask = (None, None) if captions is None else self.text_condition([c for part in captions for c in part]
+                                                                                 + list(captions[0]))
+        drop = torch.arange((k + 1) * b, device=self.device) >= k * b
+        return composed_guidance(lambda x, t: self.net(x, t, z, tokens, mask, drop, drop), weights, scale,
+                                 learned_variance=self.net.config.learn_sigma)
+
     @torch.no_grad()
     def sample(self, z_img: torch.Tensor, captions=None, generator: torch.Generator | None = None,
                guidance_scale: float | None = None, steps: int | str | None = None, x_T: torch.Tensor | None = None,
-               eta: float | None = None) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] decoded from CLIP image embeddings z_img (B, D)."""
+               eta: float | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] decoded from CLIP image embeddings z_img (B, D) and their captions; or,
+        with ``weights`` (K, B), each image a conjunction of K parts: z_img (K, B, D) and K lists of B captions."""
         size = self.net.config.image_size
         if x_T is None:
-            x_T = torch.randn(len(z_img), self.net.config.out_channels, size, size, generator=generator, device=self.device)
-        model_fn = self.model_fn(z_img, captions, guidance_scale)
+            x_T = torch.randn(z_img.shape[-2], self.net.config.out_channels, size, size, generator=generator, device=self.device)
+        model_fn = (self.model_fn(z_img, captions, guidance_scale) if weights is None
+                    else self.composed_model_fn(z_img, weights, captions, guidance_scale))
         return self.sampler(model_fn, self.diffusion, x_T.to(self.device), generator, steps, eta).clamp(-1, 1)
 
     @torch.no_grad()

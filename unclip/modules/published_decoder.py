@@ -75,3 +75,8 @@ class PublishedDecoderModule(DecoderModule):
     def model_fn(self, z_img: torch.Tensor, captions=None, guidance_scale: float | None = None):
         self.set_null()
         return super().model_fn(z_img, captions, guidance_scale)
+
+    def composed_model_fn(self, z_parts: torch.Tensor, weights: torch.Tensor, captions=None,
+                          guidance_scale: float | None = None):
+        self.set_null()
+        return super().composed_model_fn(z_parts, weights, captions, guidance_scale)
