@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from unclip.demo_grids import COMPOSE, PUBLISHED, demo_stage, sample_grids
+from unclip.demo_grids import PUBLISHED, demo_stage, sample_grids
 from unclip.precision import PRECISIONS, auto_precision
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -271,6 +271,8 @@ def regrid(argv: list[str]) -> dict:
     [decoder=decoder/NAME] [precision=auto]``:
     the grids again from a finished demo's stages with other sampling settings and more samples per prompt
     (the A/Bs in the README), written with ``results.json`` (per row too) to ``DEMO/grids/<settings>/``."""
+    from unclip.composition import SPLITTERS
+
     name, samples, precision, settings, priors, decoder = "full", 16, "auto", {}, None, demo_stage("decoder")
     usage = (f"usage: python -m unclip.demo grids [profile={'|'.join(PROFILES)}] [samples=N] [priors=KIND,...] "
              f"[decoder=decoder/NAME] [precision={'|'.join(PRECISIONS)}] [{'] ['.join(f'{k}=...' for k in GRID_SETTINGS)}]")
@@ -287,7 +289,7 @@ def regrid(argv: list[str]) -> dict:
                 priors = value.split(",")
             elif key == "decoder" and value:
                 decoder = value
-            elif key in GRID_SETTINGS and (key != "compose" or value in COMPOSE):
+            elif key in GRID_SETTINGS and (key != "compose" or value in SPLITTERS):
                 settings[key] = GRID_SETTINGS[key](value)
             else:
                 raise ValueError

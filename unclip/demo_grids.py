@@ -84,9 +84,6 @@ def demo_stage(kind: str) -> str:
     return f"{kind}/{PUBLISHED}"
 
 
-COMPOSE = ("object_phrases", "whole_and_object_phrases", "split_and")  # unclip.composition.SPLITTERS
-
-
 def splitter(settings: dict) -> dict:
     """The grid's sampling settings with ``compose`` (a splitter's name, or none) made the prompt splitter."""
     if not settings.get("compose"):

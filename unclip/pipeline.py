@@ -260,10 +260,10 @@ class UnCLIPPipeline:
             decode_options = {"guidance_scale": decoder_guidance, "steps": decoder_steps, "x_T": decoder_noise,
                               "upsampler_steps": upsampler_steps}
             pixels, z_img = generate_composed(self, repeated, compose, generator, prior_options, decode_options)
-            return UnCLIPOutput(to_pil(pixels), pixels, z_img, self.clip.encode_text(repeated).z_txt)
-        z_img = self.prior_sample(repeated, generator, prior_guidance, prior_steps, negative_prompt)
-        pixels = self.decode(z_img, generator, decoder_guidance, decoder_steps, repeated, decoder_noise,
-                             upsampler_steps=upsampler_steps)
+        else:
+            z_img = self.prior_sample(repeated, generator, prior_guidance, prior_steps, negative_prompt)
+            pixels = self.decode(z_img, generator, decoder_guidance, decoder_steps, repeated, decoder_noise,
+                                 upsampler_steps=upsampler_steps)
         z_txt = self.clip.encode_text(repeated).z_txt
         return UnCLIPOutput(to_pil(pixels), pixels, z_img, z_txt)
 

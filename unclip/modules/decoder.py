@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from unclip.seeding import hash_seed
-from unclip.diffusion import GaussianDiffusion, Sampler, classifier_free_guidance, composed_guidance, ddim_invert
+from unclip.diffusion import GaussianDiffusion, Sampler, composed_guidance, ddim_invert
 from unclip.modules.base import UnclipModule
 from unclip.modules.clip_pretrain import zero_shot_attributes
 from unclip.modules.prior import cached_token_states, trim_padding
@@ -127,20 +127,15 @@ class DecoderModule(UnclipModule):
     # ---------------------------------------------------------------------------------- sampling
     def model_fn(self, z_img: torch.Tensor, captions=None, guidance_scale: float | None = None):
         """The denoiser ``(x_t, t) -> output`` for embeddings z_img (B, D), with classifier-free guidance
-        (the unconditional half drops z_i and the caption together) when the scale is not 1."""
+        (the unconditional half drops z_i and the caption together) when the scale is not 1: a conjunction
+        of one part (:meth:`composed_model_fn`)."""
         scale = self.sampler.guidance_scale if guidance_scale is None else guidance_scale
-        b = len(z_img)
+        if scale != 1.0:
+            return self.composed_model_fn(z_img[None], torch.ones(1, len(z_img), device=self.device),
+                                          None if captions is None else [list(captions)], scale)
         z = self.image_condition(z_img.to(self.device))
         tokens, mask = self.text_condition(captions) if captions is not None else (None, None)
-        if scale == 1.0:
-            return lambda x, t: self.net(x, t, z, tokens, mask)
-        off, on = torch.zeros(b, dtype=torch.bool, device=self.device), torch.ones(b, dtype=torch.bool, device=self.device)
-        drop = torch.cat([off, on])
-        pair_tokens = None if tokens is None else torch.cat([tokens, tokens])
-        pair_mask = None if mask is None else torch.cat([mask, mask])
-        return classifier_free_guidance(
-            lambda x, t: self.net(x, t, torch.cat([z, z]), pair_tokens, pair_mask, drop, drop), scale,
-            learned_variance=self.net.config.learn_sigma)
+        return lambda x, t: self.net(x, t, z, tokens, mask)
 
     def composed_model_fn(self, z_parts: torch.Tensor, weights: torch.Tensor, captions=None,
                           guidance_scale: float | None = None):
@@ -149,9 +144,10 @@ class DecoderModule(UnclipModule):
         scale = self.sampler.guidance_scale if guidance_scale is None else guidance_scale
         k, b = z_parts.shape[:2]
         z = self.image_condition(z_parts.flatten(0, 1).to(self.device))
-        z = torch.cat([z, z[:b]])  # the unconditional rows drop it
-        tokens, mask = (None, None) if captions is None else self.text_condition([c for part in captions for c in part]
-                                                                                 + list(captions[0]))
+        z = torch.cat([z, z[:b]])  # the unconditional rows drop z_i and the caption: any row's will do
+        tokens, mask = (None, None) if captions is None else self.text_condition([c for part in captions for c in part])
+        if tokens is not None:
+            tokens, mask = torch.cat([tokens, tokens[:b]]), torch.cat([mask, mask[:b]])
         drop = torch.arange((k + 1) * b, device=self.device) >= k * b
         return composed_guidance(lambda x, t: self.net(x, t, z, tokens, mask, drop, drop), weights, scale,
                                  learned_variance=self.net.config.learn_sigma)
