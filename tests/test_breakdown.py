@@ -71,3 +71,19 @@ def test_breakdown_scores_every_stage_on_seen_and_held_out_pairs(shapes_dir, cac
     assert [r["acc"] for r in again] == [r["acc"] for r in rows]
     prompt = lambda rs: torch.tensor([r.get("prompt", float("nan")) for r in rs])  # noqa: E731 - zero-shot has none
     torch.testing.assert_close(prompt(again), prompt(rows), equal_nan=True)
+
+
+@pytest.mark.slow
+def test_breakdown_adds_each_priors_composed_row(shapes_dir, cache_dir, stages, tmp_path):  # noqa: F811
+    cfg = compose_evaluate(tiny_overrides(shapes_dir, cache_dir, stages, tmp_path / "composed")
+                           + ["mode=breakdown", f"priors=[{stages['diffusion']}]", "breakdown_pool=8",
+                              "compose=object_phrases", "layout=true"])
+    rows = run(cfg)
+    label = "diffusion_prior composed (object_phrases, layout)"
+    for split in ("seen", "held-out"):
+        plain = {r["objects"]: r["n"] for r in rows if r["stage"] == "diffusion_prior" and r["split"] == split}
+        composed = {r["objects"]: r["n"] for r in rows if r["stage"] == label and r["split"] == split}
+        assert composed == plain and sum(composed.values()) == 8
+    with pytest.raises(ValueError, match="not a prompt splitter"):
+        run(compose_evaluate(tiny_overrides(shapes_dir, cache_dir, stages, tmp_path / "bad")
+                             + ["mode=breakdown", f"priors=[{stages['diffusion']}]", "breakdown_pool=4", "compose=commas"]))

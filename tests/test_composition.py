@@ -72,3 +72,49 @@ def test_the_whole_caption_leads_its_parts_and_splitters_are_named():
     assert splitter_named("split_and") is split_and
     with pytest.raises(ValueError, match="not a prompt splitter"):
         splitter_named("commas")
+
+
+def test_layout_weights_put_each_part_where_its_words_say():
+    from unclip.composition import layout_weights, named_cell
+
+    assert named_cell("a large yellow star in the top left") == (0, 0)
+    assert named_cell("a cyan circle in the lower right") == (2, 2)
+    assert named_cell("a medium hexagon in the top") == (1, 0)
+    assert named_cell("a red circle") is None
+    parts, weights = conjunction(["a red circle in the left and a blue square in the right", "a pink star",
+                                  "a red circle and a blue square"], object_phrases)
+    maps = layout_weights(parts, weights, size=12)
+    assert maps.shape == (2, 3, 1, 12, 12)
+    torch.testing.assert_close(maps[:, :2].sum(0), torch.ones(2, 1, 12, 12))  # placed: one at every pixel
+    left, right = maps[:, 0, 0, 6]  # the middle row, left to right
+    assert left[0] > 0.9 and right[0] < 0.1 and left[-1] < 0.1 and right[-1] > 0.9
+    assert (maps[:, 0, 0, :, 5:7] - 0.5).abs().max() < 0.2  # the middle column is shared
+    torch.testing.assert_close(maps[:, 1], torch.tensor([1.0, 0.0]).view(2, 1, 1, 1).expand(2, 1, 12, 12))
+    torch.testing.assert_close(maps[:, 2], torch.ones(2, 1, 12, 12))  # no cell named: the parts' weights as they were
+
+
+def test_spatial_weights_guide_each_region_towards_its_own_part():
+    x, t = torch.zeros(1, 3, 4, 4), torch.zeros(1, dtype=torch.long)
+    left = torch.zeros(4, 4)
+    left[:, :2] = 1.0
+    weights = torch.stack([left, 1 - left]).view(2, 1, 1, 4, 4)
+    out = composed_guidance(stacked([3.0, 5.0, 1.0]), weights, 2.0)(x, t)
+    torch.testing.assert_close(out[0, :, :, :2], torch.full((3, 4, 2), 5.0))  # 1 + 2 (3 - 1)
+    torch.testing.assert_close(out[0, :, :, 2:], torch.full((3, 4, 2), 9.0))  # 1 + 2 (5 - 1)
+    # maps at another resolution are resized to the image's
+    coarse = torch.stack([torch.ones(2, 2), torch.zeros(2, 2)]).view(2, 1, 1, 2, 2)
+    torch.testing.assert_close(composed_guidance(stacked([3.0, 5.0, 1.0]), coarse, 2.0)(x, t), torch.full((1, 3, 4, 4), 5.0))
+
+
+def test_layout_composition_keeps_one_part_prompts_and_needs_a_splitter(pipe):  # noqa: F811
+    prompts = ["a red circle in the top left", "a blue star"]
+    plain = pipe.generate(prompts, n=1, seed=5, decoder_guidance=3.0)
+    placed = pipe.generate(prompts, n=1, seed=5, decoder_guidance=3.0, compose=object_phrases, layout=True)
+    torch.testing.assert_close(placed.pixels, plain.pixels, atol=1e-4, rtol=0)
+    two = pipe.generate(["a red circle in the left and a blue star in the right"], n=2, seed=5, decoder_guidance=3.0,
+                        compose=object_phrases, layout=True)
+    everywhere = pipe.generate(["a red circle in the left and a blue star in the right"], n=2, seed=5,
+                               decoder_guidance=3.0, compose=object_phrases)
+    assert two.pixels.shape == (2, 3, 16, 16) and not torch.allclose(two.pixels, everywhere.pixels, atol=1e-3)
+    with pytest.raises(ValueError, match="needs compose"):
+        pipe.generate(prompts, layout=True)

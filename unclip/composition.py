@@ -19,6 +19,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from unclip.data.shapes import POSITIONS
+
 Splitter = Callable[[str], Sequence[str]]
 
 
@@ -44,15 +46,55 @@ def conjunction(prompts: Sequence[str], split: Splitter) -> tuple[list[list[str]
     return rows, weights
 
 
+# Where a phrase puts its object: the cell (column, row) of a 3x3 layout that its position words name, the longest
+# match first ("top left" before "left"); the shapes data's positions and their synonyms.
+CELLS = sorted(((word, cell) for cell, words in POSITIONS.values() for word in words), key=lambda wc: -len(wc[0]))
+
+
+def named_cell(phrase: str) -> tuple[int, int] | None:
+    """The (column, row) of the 3x3 cell a phrase puts its object in ("... in the top left": (0, 0)), or None."""
+    for word, cell in CELLS:
+        if re.search(rf"\b{word}\b", phrase):
+            return cell
+    return None
+
+
+def layout_weights(parts: list[list[str]], weights: torch.Tensor, size: int = 24, sigma: float = 0.17,
+                   floor: float = 0.05) -> torch.Tensor:
+    """Spatial part weights (K, B, 1, size, size) for :func:`unclip.diffusion.composed_guidance` from the cells the
+    parts name: part k leads near its cell (a Gaussian bump of ``sigma`` image sides) and the parts share the rest
+    (``floor``), the weights of prompt b's parts summing to 1 at every pixel, so each region is classifier-free
+    guidance towards its own part alone (region-based composition, as in MultiDiffusion, Bar-Tal et al. 2023, §3.2)
+    instead of every part's direction everywhere, where one part's "background" cancels the other's object. A part
+    that names no cell is spread evenly; a prompt none of whose parts names a cell keeps its weights (K, B)."""
+    k, b = weights.shape
+    grid = (torch.arange(size) + 0.5) / size
+    maps = torch.ones(k, b, size, size)
+    for i in range(k):
+        for j in range(b):
+            cell = named_cell(parts[i][j])
+            if cell is not None:
+                dx, dy = grid[None, :] - (cell[0] + 0.5) / 3, grid[:, None] - (cell[1] + 0.5) / 3
+                maps[i, j] = torch.exp(-(dx ** 2 + dy ** 2) / (2 * sigma ** 2))
+    maps = (maps + floor) * weights[..., None, None]
+    spatial = maps / maps.sum(0, keepdim=True)
+    placed = torch.tensor([[named_cell(parts[i][j]) is not None for j in range(b)] for i in range(k)])
+    placed = (placed & (weights > 0)).any(0)
+    uniform = weights[..., None, None].expand(k, b, size, size)
+    return torch.where(placed[None, :, None, None], spatial, uniform).unsqueeze(2)
+
+
 def generate_composed(pipe, prompts: list[str], split: Splitter, generator: torch.Generator, prior_options: dict,
-                      decode_options: dict) -> tuple[torch.Tensor, torch.Tensor]:
+                      decode_options: dict, layout: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(pixels (B, 3, H, W), z_img (B, D)) for prompts sampled as conjunctions: one prior draw per part (every
-    part of the batch in one call), then one composed decode. z_img is the normalised weighted sum of the parts'."""
+    part of the batch in one call), then one composed decode, each part leading where it names (``layout``:
+    :func:`layout_weights`) or everywhere. z_img is the normalised weighted sum of the parts'."""
     parts, weights = conjunction(prompts, split)
     k, b = weights.shape
     z = pipe.prior_sample([p for row in parts for p in row], generator, **prior_options).view(k, b, -1)
     captions = parts if pipe.decoder.text_cond else None
-    pixels = pipe.decode(z, generator, captions=captions, weights=weights.to(pipe.device), **decode_options)
+    guide = layout_weights(parts, weights) if layout else weights
+    pixels = pipe.decode(z, generator, captions=captions, weights=guide.to(pipe.device), **decode_options)
     return pixels, F.normalize((weights.to(z.device)[..., None] * z).sum(0), dim=-1)
 
 

@@ -261,13 +261,19 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
+def flag(value: str) -> bool:
+    if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(value)
+    return value.lower() in ("true", "1")
+
+
 GRID_SETTINGS = {"prior_guidance": float, "decoder_guidance": float, "prior_steps": int, "decoder_steps": int,
-                 "upsampler_steps": int, "compose": str}
+                 "upsampler_steps": int, "compose": str, "layout": flag}
 
 
 def regrid(argv: list[str]) -> dict:
     """``python -m unclip.demo grids [profile=full] [samples=16] [prior_guidance=3] [decoder_guidance=5]
-    [prior_steps=N] [decoder_steps=N] [upsampler_steps=N] [compose=object_phrases] [priors=diffusion_prior,ar_prior]
+    [prior_steps=N] [decoder_steps=N] [upsampler_steps=N] [compose=object_phrases] [layout=true] [priors=diffusion_prior,ar_prior]
     [decoder=decoder/NAME] [precision=auto]``:
     the grids again from a finished demo's stages with other sampling settings and more samples per prompt
     (the A/Bs in the README), written with ``results.json`` (per row too) to ``DEMO/grids/<settings>/``."""

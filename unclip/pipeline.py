@@ -231,7 +231,8 @@ class UnCLIPPipeline:
                eta: float | None = None, upsampler_steps: int | str | None = None,
                weights: torch.Tensor | None = None) -> torch.Tensor:
         """Pixels (B, 3, H, W) in [-1, 1]: the decoder at its resolution, then each upsampler in turn. With
-        ``weights`` (K, B) each image is a conjunction (``unclip.composition``): z_img (K, B, D), K caption lists."""
+        ``weights`` (K, B) or (K, B, 1, h, w) each image is a conjunction (``unclip.composition``): z_img (K, B, D),
+        K caption lists."""
         captions = list(captions) if captions is not None and self.decoder.text_cond else None
         with self.autocast():
             x = self.decoder.sample(z_img.to(self.device), captions, generator, guidance_scale, steps, x_T, eta,
@@ -245,11 +246,15 @@ class UnCLIPPipeline:
                  prior_guidance: float | None = None, decoder_guidance: float | None = None,
                  prior_steps: int | str | None = None, decoder_steps: int | str | None = None,
                  upsampler_steps: int | str | None = None, negative_prompt: str | None = None,
-                 decoder_noise: torch.Tensor | None = None, compose: Callable[[str], Sequence[str]] | None = None
-                 ) -> UnCLIPOutput:
+                 decoder_noise: torch.Tensor | None = None, compose: Callable[[str], Sequence[str]] | None = None,
+                 layout: bool = False) -> UnCLIPOutput:
         """n images per prompt: prior ẑ_i ~ p(z_i | y), then the decoder (and upsamplers) x ~ p(x | ẑ_i, y).
         ``compose`` splits a prompt into parts (``unclip.composition.split_and``, ``object_phrases``): a prompt of
-        several parts is sampled as their conjunction, a prior draw for each and one decode guided towards all."""
+        several parts is sampled as their conjunction, a prior draw for each and one decode guided towards all;
+        with ``layout`` each part is guided towards near the cell its words name ("in the top left") and not
+        elsewhere (``unclip.composition.layout_weights``)."""
+        if layout and compose is None:
+            raise ValueError("layout=True places the parts of a composed prompt: it needs compose= (a prompt splitter)")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         repeated = [p for p in prompts for _ in range(n)]
         generator = self.generator(seed, generator)
@@ -259,7 +264,7 @@ class UnCLIPPipeline:
             prior_options = {"guidance_scale": prior_guidance, "steps": prior_steps, "negative_prompt": negative_prompt}
             decode_options = {"guidance_scale": decoder_guidance, "steps": decoder_steps, "x_T": decoder_noise,
                               "upsampler_steps": upsampler_steps}
-            pixels, z_img = generate_composed(self, repeated, compose, generator, prior_options, decode_options)
+            pixels, z_img = generate_composed(self, repeated, compose, generator, prior_options, decode_options, layout)
         else:
             z_img = self.prior_sample(repeated, generator, prior_guidance, prior_steps, negative_prompt)
             pixels = self.decode(z_img, generator, decoder_guidance, decoder_steps, repeated, decoder_noise,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from unclip.diffusion.schedule import GaussianDiffusion, Prediction
@@ -58,18 +59,30 @@ def classifier_free_guidance(paired_fn: ModelFn, scale: float, learned_variance:
     return guided
 
 
+def part_weights(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``weights`` (K, B) or spatial (K, B, 1, h, w) as (K, B, 1, ..., 1) or (K, B, 1, H, W) for x (B, C, H, W):
+    spatial maps are resized bilinearly, which keeps weights that sum to 1 at every pixel summing to 1."""
+    k, b = weights.shape[:2]
+    if weights.dim() == 2:
+        return weights.view(k, b, *[1] * (x.dim() - 1))
+    if weights.shape[-2:] != x.shape[-2:]:
+        weights = F.interpolate(weights.flatten(0, 1).float(), size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return weights.reshape(k, b, 1, *x.shape[-2:])
+
+
 def composed_guidance(stacked_fn: ModelFn, weights: torch.Tensor, scale: float, learned_variance: bool = False) -> ModelFn:
     """Composable Diffusion's conjunction (Liu et al. 2022, eq. 12): out = out_uncond + scale Σ_k w_k (out_k - out_uncond)
     over K conditions, in one batched call. ``stacked_fn(xs, ts)`` evaluates condition k on rows [kB, (k+1)B) of its
     batch and the unconditional model on the last B rows; ``weights`` (K, B) weigh each condition per sample (0 leaves
     one out, so prompts with fewer parts share a batch). One condition of weight 1 is :func:`classifier_free_guidance`.
+    Spatial weights (K, B, 1, h, w) weigh each condition per pixel as well (a layout: :func:`unclip.composition.layout_weights`).
     A learned variance is not guided: the first condition's is kept."""
     k = weights.shape[0]
 
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         out = stacked_fn(torch.cat([x] * (k + 1)), torch.cat([t] * (k + 1))).unflatten(0, (k + 1, len(x)))
         conds, uncond = out[:-1], out[-1]
-        w = weights.to(device=out.device, dtype=out.dtype).view(k, len(x), *[1] * (x.dim() - 1))
+        w = part_weights(weights, x).to(device=out.device, dtype=out.dtype)
         if learned_variance:
             (mean_c, var_c), mean_u = conds.chunk(2, dim=2), uncond.chunk(2, dim=1)[0]
             return torch.cat([mean_u + scale * (w * (mean_c - mean_u)).sum(0), var_c[0]], dim=1)

@@ -6,6 +6,8 @@ on seen (``val``) and held-out (``val_unseen``) compositions, single- and two-ob
     decoder_true_zi the decoder from each real image's own z_i (the cache's): what decoding loses
     upsampled       the same pixels through the upsamplers (only with ``upsamplers=[...]``)
     <prior>         the prior from the real caption, then the decoder (and upsamplers): end to end
+    <prior> composed (NAME) the same with ``compose=NAME`` (and ``layout=true``): the caption drawn as a conjunction
+                    of its parts (``unclip.composition``), a prior draw for each and one decode guided towards all
 
 Every row scores the same val pairs (the first ``breakdown_pool`` of each split) with the same seeds.
 Columns: ``shape``, ``color``, ``position`` per object the caption names, ``count`` (the image holds as many
@@ -28,11 +30,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from unclip.composition import splitter_named
 from unclip.data.shapes import VOCAB, with_articles
 from unclip.eval.attributes import CellPredictions, load_classifier, named_objects, predict, score_predictions
 from unclip.eval.attributes.net import EMPTY
 from unclip.eval.baselines import load_prior
-from unclip.eval.generation import batches, decode_embeddings, sample_embeddings, seeded, with_prior
+from unclip.eval.generation import batches, compose_images, decode_embeddings, sample_embeddings, seeded, with_prior
 from unclip.eval.protocol import val_pool
 from unclip.eval.settings import settings_of
 from unclip.eval.tables import json_safe, markdown
@@ -184,6 +187,10 @@ def stage_labels(specs: Sequence, priors: Sequence) -> list[str]:
 
 # ------------------------------------------------------------------------------------ mode=breakdown
 def run_breakdown(cfg: DictConfig, clip) -> list[dict]:
+    # compose=NAME: each prior's end-to-end row again with captions drawn as conjunctions of their parts
+    composer = splitter_named(cfg.compose) if cfg.get("compose") else None
+    layout = bool(cfg.get("layout", False))
+    composed = f"composed ({cfg.get('compose')}{', layout' if layout else ''})"
     decoder = load(cfg.decoder, clip=clip, artifacts=cfg.paths.artifacts)
     upsamplers = [load(spec, clip=clip, artifacts=cfg.paths.artifacts) for spec in cfg.upsamplers]
     precision = cfg.get("precision", "32-true")
@@ -209,6 +216,10 @@ def run_breakdown(cfg: DictConfig, clip) -> list[dict]:
             z_img, _ = sample_embeddings(prior_pipe, pool.captions, seed, prior_settings, batch_size)
             pixels, _ = decode_embeddings(prior_pipe, z_img, pool.captions, seed, decoder_settings, batch_size)
             rows += score_rows(name, split, predict(classifier, pixels), pool)
+            if composer is not None:
+                pixels = compose_images(prior_pipe, pool.captions, seed, composer, layout, prior_settings,
+                                        decoder_settings, batch_size)
+                rows += score_rows(f"{name} {composed}", split, predict(classifier, pixels), pool)
         write(rows, Path(cfg.out))  # after each split: a long run's first half is on disk early
     return rows
 

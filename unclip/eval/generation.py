@@ -88,6 +88,28 @@ def decode_embeddings(pipe: UnCLIPPipeline, z_img: torch.Tensor, prompts: Sequen
     return torch.cat(out), elapsed
 
 
+@torch.no_grad()
+def compose_images(pipe: UnCLIPPipeline, prompts: Sequence[str], seed: int, split, layout: bool, prior_settings: dict,
+                   decoder_settings: dict, batch_size: int = 64) -> torch.Tensor:
+    """Pixels (N, 3, H, W) in [-1, 1] of prompts drawn as conjunctions of their parts (``split``; with ``layout``
+    each part leads where it names, ``unclip.composition``), batch b from a generator seeded by (seed, "composed", b)."""
+    from unclip.composition import generate_composed
+
+    settings = check_decoder_settings(dict(decoder_settings))
+    unknown = set(prior_settings) - {"guidance_scale", "steps"}
+    if unknown:
+        raise ValueError(f"composed sampling takes the prior settings guidance_scale and steps, not {sorted(unknown)}")
+    decode_options = {k: settings.get(k) for k in ("guidance_scale", "steps", "eta", "upsampler_steps")}
+    out = []
+    with stage_sampler(pipe.decoder, settings.get("sampler")):
+        for index, rows in batches(len(prompts), batch_size):
+            generator = seeded(seed, "composed", index, device=pipe.device)
+            pixels, _ = generate_composed(pipe, list(prompts[rows]), split, generator, dict(prior_settings),
+                                          decode_options, layout)
+            out.append(pixels.float().cpu())
+    return torch.cat(out)
+
+
 def timings(prior_seconds: float, decode_seconds: float, count: int) -> dict:
     ms = lambda s: 1000 * s / max(count, 1)  # noqa: E731
     return {"ms_prior": ms(prior_seconds), "ms_decode": ms(decode_seconds), "ms_per_image": ms(prior_seconds + decode_seconds)}
