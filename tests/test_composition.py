@@ -118,3 +118,16 @@ def test_layout_composition_keeps_one_part_prompts_and_needs_a_splitter(pipe):  
     assert two.pixels.shape == (2, 3, 16, 16) and not torch.allclose(two.pixels, everywhere.pixels, atol=1e-3)
     with pytest.raises(ValueError, match="needs compose"):
         pipe.generate(prompts, layout=True)
+
+
+def test_rerank_keeps_the_candidate_clip_finds_closest_to_its_prompt(pipe):  # noqa: F811
+    prompts = ["a red circle", "a blue star in the left and a green square in the right"]
+    candidates = pipe.generate(prompts, n=2 * 3, seed=7, compose=object_phrases, layout=True)
+    kept = pipe.generate(prompts, n=2, seed=7, compose=object_phrases, layout=True, rerank=3)
+    assert kept.pixels.shape == (4, 3, 16, 16) and len(kept.images) == 4
+    scores = (pipe.clip.encode_image(candidates.pixels) * candidates.z_txt).sum(-1).view(4, 3)
+    best = candidates.pixels.view(4, 3, 3, 16, 16)[torch.arange(4), scores.argmax(1)]
+    torch.testing.assert_close(kept.pixels, best)
+    torch.testing.assert_close(kept.z_txt[::2], candidates.z_txt[::6])  # each prompt keeps its own candidates
+    with pytest.raises(ValueError, match="at least 1"):
+        pipe.generate(prompts, rerank=0)

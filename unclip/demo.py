@@ -268,12 +268,12 @@ def flag(value: str) -> bool:
 
 
 GRID_SETTINGS = {"prior_guidance": float, "decoder_guidance": float, "prior_steps": int, "decoder_steps": int,
-                 "upsampler_steps": int, "compose": str, "layout": flag}
+                 "upsampler_steps": int, "compose": str, "layout": flag, "rerank": int}
 
 
 def regrid(argv: list[str]) -> dict:
     """``python -m unclip.demo grids [profile=full] [samples=16] [prior_guidance=3] [decoder_guidance=5]
-    [prior_steps=N] [decoder_steps=N] [upsampler_steps=N] [compose=object_phrases] [layout=true] [priors=diffusion_prior,ar_prior]
+    [prior_steps=N] [decoder_steps=N] [upsampler_steps=N] [compose=object_phrases] [layout=true] [rerank=N] [priors=diffusion_prior,ar_prior]
     [decoder=decoder/NAME] [precision=auto]``:
     the grids again from a finished demo's stages with other sampling settings and more samples per prompt
     (the A/Bs in the README), written with ``results.json`` (per row too) to ``DEMO/grids/<settings>/``."""

@@ -93,6 +93,17 @@ def expect_stage(module, role: str, spec) -> object:
     return module
 
 
+def best_of_candidates(pipe: "UnCLIPPipeline", drawn: UnCLIPOutput, k: int) -> UnCLIPOutput:
+    """Of each run of k consecutive candidates, the one whose pixels CLIP embeds closest to its prompt's z_t:
+    CLIP reranking (DALL-E, Ramesh et al. 2021 §2.5), here with the pipeline's own CLIP. It catches what the
+    embedding cannot say: a second blob, a faded object, a colour on the wrong shape."""
+    z_pix = pipe.clip.encode_image(drawn.pixels.to(pipe.device))
+    scores = (z_pix * drawn.z_txt.to(z_pix)).sum(-1).view(-1, k)
+    keep = (scores.argmax(1) + torch.arange(len(scores), device=scores.device) * k).cpu()
+    return UnCLIPOutput([drawn.images[i] for i in keep.tolist()], drawn.pixels[keep], drawn.z_img[keep.to(drawn.z_img.device)],
+                        drawn.z_txt[keep.to(drawn.z_txt.device)])
+
+
 class UnCLIPPipeline:
     """The frozen CLIP and the trained stages, on one device, in eval mode. ``precision``: what the prior,
     decoder and upsamplers sample in, ``32-true``, ``bf16-mixed`` (autocast: bf16 matmuls and convolutions,
@@ -247,14 +258,24 @@ class UnCLIPPipeline:
                  prior_steps: int | str | None = None, decoder_steps: int | str | None = None,
                  upsampler_steps: int | str | None = None, negative_prompt: str | None = None,
                  decoder_noise: torch.Tensor | None = None, compose: Callable[[str], Sequence[str]] | None = None,
-                 layout: bool = False) -> UnCLIPOutput:
+                 layout: bool = False, rerank: int = 1) -> UnCLIPOutput:
         """n images per prompt: prior ẑ_i ~ p(z_i | y), then the decoder (and upsamplers) x ~ p(x | ẑ_i, y).
         ``compose`` splits a prompt into parts (``unclip.composition.split_and``, ``object_phrases``): a prompt of
         several parts is sampled as their conjunction, a prior draw for each and one decode guided towards all;
         with ``layout`` each part is guided towards near the cell its words name ("in the top left") and not
-        elsewhere (``unclip.composition.layout_weights``)."""
+        elsewhere (``unclip.composition.layout_weights``). ``rerank`` > 1 draws that many candidates per image and
+        keeps the one CLIP finds closest to its prompt (:func:`best_of_candidates`)."""
         if layout and compose is None:
             raise ValueError("layout=True places the parts of a composed prompt: it needs compose= (a prompt splitter)")
+        if rerank < 1:
+            raise ValueError(f"rerank={rerank}: the candidates per image must be at least 1")
+        if rerank > 1:
+            if decoder_noise is not None:
+                raise ValueError("rerank draws its own decoder noise for every candidate: leave decoder_noise unset")
+            options = dict(seed=seed, generator=generator, prior_guidance=prior_guidance, decoder_guidance=decoder_guidance,
+                           prior_steps=prior_steps, decoder_steps=decoder_steps, upsampler_steps=upsampler_steps,
+                           negative_prompt=negative_prompt, compose=compose, layout=layout)
+            return best_of_candidates(self, self.generate(prompts, n=n * rerank, **options), rerank)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         repeated = [p for p in prompts for _ in range(n)]
         generator = self.generator(seed, generator)

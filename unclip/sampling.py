@@ -105,7 +105,7 @@ def run_mode(pipe: UnCLIPPipeline, cfg: DictConfig) -> tuple[UnCLIPOutput, int, 
         compose = splitter_named(cfg.compose) if cfg.get("compose") else None
         out = pipe.generate(list(cfg.prompts), n=cfg.n, seed=cfg.seed, prior_guidance=cfg.prior_guidance,
                             prior_steps=cfg.prior_steps, negative_prompt=cfg.negative_prompt, compose=compose,
-                            layout=bool(cfg.get("layout", False)), **stages)
+                            layout=bool(cfg.get("layout", False)), rerank=int(cfg.get("rerank", 1)), **stages)
         return out, cfg.n, list(cfg.prompts)
     images = list(cfg.images)
     if cfg.mode == "vary":
