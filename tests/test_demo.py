@@ -288,6 +288,8 @@ def test_regridding_names_bad_arguments_and_needs_a_finished_demo(monkeypatch, t
         demo.regrid(["prior_guidance=high"])
     with pytest.raises(SystemExit, match="bad argument 'samples=0'"):
         demo.regrid(["samples=0"])
+    with pytest.raises(SystemExit, match="bad argument 'layout=maybe'"):
+        demo.regrid(["compose=object_phrases", "layout=maybe"])
     monkeypatch.setitem(demo.PROFILES, "full", {**PROFILES["full"], "root": str(tmp_path)})
     with pytest.raises(SystemExit, match="grids need a finished demo; missing stages: data, clip"):
         demo.main(["grids", "samples=4", "prior_guidance=3"])
