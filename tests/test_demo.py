@@ -312,3 +312,16 @@ def test_the_grids_find_the_demos_stages_beside_a_decoder_published_for_an_a_b(t
     done = {s.name: s.done for s in plan}
     for kind in ("decoder", "upsampler", "diffusion_prior", "ar_prior", "contrastive_prior"):
         assert resolve(demo_stage(kind), artifacts) == done[kind]
+
+
+def test_grids_sampled_without_composition_drop_the_layout_too():
+    """``grids compose=none`` samples two-object prompts as whole captions: no splitter, and no layout (which needs
+    one) reaches the pipeline, whatever the profile's grid defaults say."""
+    from unclip.composition import object_phrases
+    from unclip.demo_grids import splitter
+
+    assert PROFILES["full"]["grids"]["compose"] and PROFILES["full"]["grids"]["layout"]
+    plain = splitter({**PROFILES["full"]["grids"], "compose": None, "layout": False, "decoder_guidance": 5.0})
+    assert plain == {"decoder_guidance": 5.0}
+    composed = splitter(PROFILES["full"]["grids"])
+    assert composed["layout"] is True and composed["compose"] is object_phrases

@@ -87,7 +87,7 @@ def demo_stage(kind: str) -> str:
 def splitter(settings: dict) -> dict:
     """The grid's sampling settings with ``compose`` (a splitter's name, or none) made the prompt splitter."""
     if not settings.get("compose"):
-        return {k: v for k, v in settings.items() if k != "compose"}
+        return {k: v for k, v in settings.items() if k not in ("compose", "layout")}
     from unclip.composition import splitter_named
 
     return {**settings, "compose": splitter_named(settings["compose"])}
