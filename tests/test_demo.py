@@ -276,6 +276,7 @@ def test_every_training_stage_of_the_demo_composes_with_its_overrides(profile):
     assert all(cfg.trainer.precision == "bf16-mixed" for cfg in composed.values())
     if profile == "full":
         assert composed["diffusion_prior"].sampler.guidance_scale == 3
+        assert composed["decoder"].sampler.guidance_scale == 3 and composed["decoder"].model.module.text_cond
         assert composed["ar_prior"].model.module.sampling.guidance_scale == 3
         assert composed["contrastive_prior"].model.module.guidance_scale == 1
         assert composed["clip"].model.module.hard_negatives
