@@ -315,14 +315,24 @@ def test_the_grids_find_the_demos_stages_beside_a_decoder_published_for_an_a_b(t
         assert resolve(demo_stage(kind), artifacts) == done[kind]
 
 
-def test_grids_sampled_without_composition_drop_the_layout_too():
-    """``grids compose=none`` samples two-object prompts as whole captions: no splitter, and no layout (which needs
-    one) reaches the pipeline, whatever the profile's grid defaults say."""
+def test_grid_settings_become_generate_options_and_none_turns_each_off():
+    """The profile's grid defaults compose, place and complete; ``grids compose=none complete=none`` samples prompts as
+    written: no splitter, no layout (which needs one) and no completer reach the pipeline."""
+    from unclip.completion import complete_shapes
     from unclip.composition import object_phrases
-    from unclip.demo_grids import splitter
+    from unclip.demo_grids import generate_options
 
-    assert PROFILES["full"]["grids"]["compose"] and PROFILES["full"]["grids"]["layout"]
-    plain = splitter({**PROFILES["full"]["grids"], "compose": None, "layout": False, "decoder_guidance": 5.0})
+    defaults = PROFILES["full"]["grids"]
+    assert generate_options(defaults) == {"compose": object_phrases, "layout": True, "complete": complete_shapes}
+    plain = generate_options({**defaults, "compose": None, "layout": False, "complete": None, "decoder_guidance": 5.0})
     assert plain == {"decoder_guidance": 5.0}
-    composed = splitter(PROFILES["full"]["grids"])
-    assert composed["layout"] is True and composed["compose"] is object_phrases
+
+
+def test_the_grid_parser_takes_none_and_refuses_an_unknown_completer(monkeypatch, tmp_path):
+    import unclip.demo as demo
+
+    with pytest.raises(SystemExit, match="bad argument 'complete=llm'"):
+        demo.regrid(["complete=llm"])
+    monkeypatch.setitem(demo.PROFILES, "full", {**PROFILES["full"], "root": str(tmp_path)})
+    with pytest.raises(SystemExit, match="grids need a finished demo"):  # parsed, then stopped at the missing stages
+        demo.regrid(["complete=none", "compose=none", "complete=shapes"])

@@ -128,3 +128,10 @@ def test_a_net_config_key_no_net_has_is_named(net):
     build(config)
     with pytest.raises(ValueError, match=r"has no 'text_layers', 'widht' \(its keys: .*\); a checkpoint holding such keys"):
         build({**config, "widht": 3, "text_layers": 2})
+
+
+def test_an_unknown_splitter_or_completer_is_named_before_any_stage_loads(no_loading, tmp_path):
+    message = sample_with(tmp_path, "compose=by_commas", "complete=everything")
+    assert message.startswith("2 problems")
+    assert "compose=by_commas: must be one of split_and | object_phrases | whole_and_object_phrases" in message
+    assert "complete=everything: must be one of shapes (or null: off)" in message

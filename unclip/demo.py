@@ -156,8 +156,9 @@ PROFILES = {
                       "optim.optimizer.lr=2e-3", "optim.warmup_steps=50", "trainer.limit_val_batches=1"),
         "attributes": (),
         # two-object prompts as conjunctions of their object phrases, each part guided near the cell it names: on the
-        # grid, both objects right 0.05 -> 0.66 (README, A/B); one-object prompts sample as before
-        "grids": {"compose": "object_phrases", "layout": True},
+        # grid, both objects right 0.05 -> 0.66 (README, A/B); one-object prompts get the size and cell they leave
+        # open drawn first (unclip.completion): single-object right 0.66 -> 0.82, no second blob for "a red circle"
+        "grids": {"compose": "object_phrases", "layout": True, "complete": "shapes"},
     },
     # `make demo-fast`: every stage small, for a quick look at the whole pipeline. The CLIP is unclip-tiny-32 (32 px
     # image tower, 64-wide text tower, ~4x cheaper a step than unclip-tiny), the priors are half as wide and deep
@@ -181,7 +182,8 @@ PROFILES = {
                       "optim.optimizer.lr=2e-3", "optim.warmup_steps=20", "trainer.limit_val_batches=1",
                       "model.module.val_images=8"),
         "attributes": ("train.epochs=3",),
-        "grids": {"decoder_steps": 20, "upsampler_steps": 8, "compose": "object_phrases", "layout": True},
+        "grids": {"decoder_steps": 20, "upsampler_steps": 8, "compose": "object_phrases", "layout": True,
+                  "complete": "shapes"},
     },
 }
 
@@ -273,15 +275,17 @@ def flag(value: str) -> bool:
 
 
 GRID_SETTINGS = {"prior_guidance": float, "decoder_guidance": float, "prior_steps": int, "decoder_steps": int,
-                 "upsampler_steps": int, "compose": str, "layout": flag, "rerank": int}
+                 "upsampler_steps": int, "compose": str, "layout": flag, "rerank": int,
+                 "complete": str}
 
 
 def regrid(argv: list[str]) -> dict:
     """``python -m unclip.demo grids [profile=full] [samples=16] [prior_guidance=3] [decoder_guidance=5]
-    [prior_steps=N] [decoder_steps=N] [upsampler_steps=N] [compose=object_phrases|none] [layout=true] [rerank=N] [priors=diffusion_prior,ar_prior]
+    [prior_steps=N] [decoder_steps=N] [upsampler_steps=N] [compose=object_phrases|none] [layout=true] [rerank=N] [complete=shapes|none] [priors=diffusion_prior,ar_prior]
     [decoder=decoder/NAME] [precision=auto]``:
     the grids again from a finished demo's stages with other sampling settings and more samples per prompt
     (the A/Bs in the README), written with ``results.json`` (per row too) to ``DEMO/grids/<settings>/``."""
+    from unclip.completion import COMPLETERS
     from unclip.composition import SPLITTERS
 
     name, samples, precision, settings, priors, decoder = "full", 16, "auto", {}, None, demo_stage("decoder")
@@ -302,7 +306,9 @@ def regrid(argv: list[str]) -> dict:
                 decoder = value
             elif key == "compose" and value == "none":  # the plain conjunction-free sampling (and no layout)
                 settings.update(compose=None, layout=False)
-            elif key in GRID_SETTINGS and (key != "compose" or value in SPLITTERS):
+            elif key == "complete" and value == "none":  # prompts sampled as written
+                settings["complete"] = None
+            elif key in GRID_SETTINGS and (key != "compose" or value in SPLITTERS) and (key != "complete" or value in COMPLETERS):
                 settings[key] = GRID_SETTINGS[key](value)
             else:
                 raise ValueError

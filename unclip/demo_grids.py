@@ -84,13 +84,22 @@ def demo_stage(kind: str) -> str:
     return f"{kind}/{PUBLISHED}"
 
 
-def splitter(settings: dict) -> dict:
-    """The grid's sampling settings with ``compose`` (a splitter's name, or none) made the prompt splitter."""
-    if not settings.get("compose"):
-        return {k: v for k, v in settings.items() if k not in ("compose", "layout")}
+def generate_options(settings: dict) -> dict:
+    """The grid's sampling settings as ``generate`` takes them: ``compose`` (a splitter's name, or none) made the
+    prompt splitter (no layout without one), ``complete`` (a completer's name, or none) the prompt completer."""
+    from unclip.completion import completer_named
     from unclip.composition import splitter_named
 
-    return {**settings, "compose": splitter_named(settings["compose"])}
+    options = dict(settings)
+    if options.get("compose"):
+        options["compose"] = splitter_named(options["compose"])
+    else:
+        options.pop("compose", None), options.pop("layout", None)
+    if options.get("complete"):
+        options["complete"] = completer_named(options["complete"])
+    else:
+        options.pop("complete", None)
+    return options
 
 
 def sample_grids(root: Path, timings: dict, priors: list[str], precision: str = "32-true", samples: int = SAMPLES_PER_PROMPT,
@@ -116,7 +125,7 @@ def sample_grids(root: Path, timings: dict, priors: list[str], precision: str = 
         pipe = UnCLIPPipeline.from_checkpoints(decoder=decoder, prior=demo_stage(prior), upsamplers=upsamplers, artifacts=artifacts,
                                                device="auto", precision=precision)
         with torch.no_grad():
-            drawn = pipe.generate(prompts, n=samples, seed=0, **splitter(settings))
+            drawn = pipe.generate(prompts, n=samples, seed=0, **generate_options(settings))
         grid = save_grid(drawn.pixels, samples, demo / f"grid_{prior}.png", row_labels=marks)
         scores = score_grid(classifier, drawn.pixels, rows, samples)
         per_row = scores.pop("rows")

@@ -13,6 +13,7 @@ for a seed: one generator drives the prior, the decoder and the upsamplers in th
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,13 +259,15 @@ class UnCLIPPipeline:
                  prior_steps: int | str | None = None, decoder_steps: int | str | None = None,
                  upsampler_steps: int | str | None = None, negative_prompt: str | None = None,
                  decoder_noise: torch.Tensor | None = None, compose: Callable[[str], Sequence[str]] | None = None,
-                 layout: bool = False, rerank: int = 1) -> UnCLIPOutput:
+                 layout: bool = False, rerank: int = 1, complete: Callable[[str, random.Random], str] | None = None) -> UnCLIPOutput:
         """n images per prompt: prior ẑ_i ~ p(z_i | y), then the decoder (and upsamplers) x ~ p(x | ẑ_i, y).
         ``compose`` splits a prompt into parts (``unclip.composition.split_and``, ``object_phrases``): a prompt of
         several parts is sampled as their conjunction, a prior draw for each and one decode guided towards all;
         with ``layout`` each part is guided towards near the cell its words name ("in the top left") and not
         elsewhere (``unclip.composition.layout_weights``). ``rerank`` > 1 draws that many candidates per image and
-        keeps the one CLIP finds closest to its prompt (:func:`best_of_candidates`)."""
+        keeps the one CLIP finds closest to its prompt (:func:`best_of_candidates`). ``complete`` fills in, for each
+        image, what its prompt leaves open (``unclip.completion.complete_shapes``: a size, a cell) before sampling;
+        ``z_txt`` stays the prompt's as asked."""
         if layout and compose is None:
             raise ValueError("layout=True places the parts of a composed prompt: it needs compose= (a prompt splitter)")
         if rerank < 1:
@@ -274,11 +277,15 @@ class UnCLIPPipeline:
                 raise ValueError("rerank draws its own decoder noise for every candidate: leave decoder_noise unset")
             options = dict(seed=seed, generator=generator, prior_guidance=prior_guidance, decoder_guidance=decoder_guidance,
                            prior_steps=prior_steps, decoder_steps=decoder_steps, upsampler_steps=upsampler_steps,
-                           negative_prompt=negative_prompt, compose=compose, layout=layout)
+                           negative_prompt=negative_prompt, compose=compose, layout=layout, complete=complete)
             return best_of_candidates(self, self.generate(prompts, n=n * rerank, **options), rerank)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        repeated = [p for p in prompts for _ in range(n)]
+        asked = [p for p in prompts for _ in range(n)]
         generator = self.generator(seed, generator)
+        repeated = asked
+        if complete is not None:  # one draw per image, from the sampling generator: seeded like the noise
+            rng = random.Random(int(torch.randint(2**62, (1,), generator=generator, device=generator.device)))
+            repeated = [complete(p, rng) for p in asked]
         if compose is not None:
             from unclip.composition import generate_composed
 
@@ -290,7 +297,7 @@ class UnCLIPPipeline:
             z_img = self.prior_sample(repeated, generator, prior_guidance, prior_steps, negative_prompt)
             pixels = self.decode(z_img, generator, decoder_guidance, decoder_steps, repeated, decoder_noise,
                                  upsampler_steps=upsampler_steps)
-        z_txt = self.clip.encode_text(repeated).z_txt
+        z_txt = self.clip.encode_text(asked).z_txt
         return UnCLIPOutput(to_pil(pixels), pixels, z_img, z_txt)
 
     @torch.no_grad()

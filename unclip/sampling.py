@@ -73,6 +73,12 @@ def argument_problems(cfg: DictConfig) -> list[str]:
     if len(cfg.images) != needed and needed:
         problems.append(f"images: mode={cfg.mode} needs {needed} image(s) in images=[...], got {len(cfg.images)}")
     problems += [f"images: {path} does not exist" for path in cfg.images if not Path(path).exists()]
+    from unclip.completion import COMPLETERS
+    from unclip.composition import SPLITTERS
+
+    for key, known in (("compose", SPLITTERS), ("complete", COMPLETERS)):
+        if cfg.get(key) and cfg[key] not in known:
+            problems.append(f"{key}={cfg[key]}: must be one of {' | '.join(known)} (or null: off)")
     if cfg.mode == "text_diff" and not (cfg.caption_from and cfg.caption_to):
         problems.append("mode=text_diff needs caption_from=... and caption_to=...")
     return problems
@@ -100,12 +106,15 @@ def run_mode(pipe: UnCLIPPipeline, cfg: DictConfig) -> tuple[UnCLIPOutput, int, 
     """The output, the grid's row length and a label per row."""
     stages = dict(decoder_guidance=cfg.decoder_guidance, decoder_steps=cfg.decoder_steps, upsampler_steps=cfg.upsampler_steps)
     if cfg.mode == "generate":
+        from unclip.completion import completer_named
         from unclip.composition import splitter_named
 
         compose = splitter_named(cfg.compose) if cfg.get("compose") else None
+        complete = completer_named(cfg.complete) if cfg.get("complete") else None
         out = pipe.generate(list(cfg.prompts), n=cfg.n, seed=cfg.seed, prior_guidance=cfg.prior_guidance,
                             prior_steps=cfg.prior_steps, negative_prompt=cfg.negative_prompt, compose=compose,
-                            layout=bool(cfg.get("layout", False)), rerank=int(cfg.get("rerank", 1)), **stages)
+                            layout=bool(cfg.get("layout", False)), rerank=int(cfg.get("rerank", 1)), complete=complete,
+                            **stages)
         return out, cfg.n, list(cfg.prompts)
     images = list(cfg.images)
     if cfg.mode == "vary":
