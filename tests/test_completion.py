@@ -25,6 +25,9 @@ def test_an_open_size_and_cell_are_drawn_from_the_whole_vocabulary():
     assert re.fullmatch(rf"a ({SIZE}) orange triangle at the bottom", complete_shapes("an orange triangle at the bottom", rng))
     # a named size (a synonym too) is kept, and only the cell is drawn
     assert re.fullmatch(rf"a big blue square in the ({CELL})", complete_shapes("a big blue square", rng))
+    # either draw alone
+    assert re.fullmatch(rf"a red circle in the ({CELL})", complete_shapes("a red circle", rng, size=False))
+    assert re.fullmatch(rf"a ({SIZE}) red circle", complete_shapes("a red circle", rng, cell=False))
     # the same generator state, the same completion
     assert complete_shapes("a pink star", random.Random(3)) == complete_shapes("a pink star", random.Random(3))
 

@@ -27,16 +27,16 @@ def names_a_size(prompt: str) -> bool:
     return any(word in SIZE_WORDS for word in re.findall(r"[\w-]+", prompt.lower()))
 
 
-def complete_shapes(prompt: str, rng: random.Random) -> str:
-    """One object's prompt with a size drawn where it names none (after its article) and a cell where it names
-    none ("... in the top left"); each from the shapes data's uniform draw. Prompts of several objects, and
-    prompts that do not start with an article, are returned unchanged."""
+def complete_shapes(prompt: str, rng: random.Random, size: bool = True, cell: bool = True) -> str:
+    """One object's prompt with a size drawn where it names none (after its article, a prompt without one keeps
+    its size open) and a cell where it names none ("... in the top left"); each from the shapes data's uniform
+    draw. Prompts of several objects are returned unchanged. ``size``/``cell`` False: leave that one open."""
     if len(object_phrases(prompt)) > 1:
         return prompt
-    if not names_a_size(prompt):
+    if size and not names_a_size(prompt):
         sized = re.sub(r"^(a|an) ", lambda _: "{a} " + rng.choice(list(SIZES)) + " ", prompt, count=1, flags=re.IGNORECASE)
         prompt = with_articles(sized) if sized != prompt else prompt
-    if named_cell(prompt) is None:
+    if cell and named_cell(prompt) is None:
         prompt = f"{prompt} in the {rng.choice(list(POSITIONS))}"
     return prompt
 
