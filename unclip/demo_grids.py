@@ -94,7 +94,8 @@ def generate_options(settings: dict) -> dict:
     if options.get("compose"):
         options["compose"] = splitter_named(options["compose"])
     else:
-        options.pop("compose", None), options.pop("layout", None)
+        options.pop("compose", None)
+        options.pop("layout", None)
     if options.get("complete"):
         options["complete"] = completer_named(options["complete"])
     else:
