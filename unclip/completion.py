@@ -17,15 +17,9 @@ from typing import Callable
 
 from unclip.composition import named_cell, object_phrases
 from unclip.data.shapes import POSITIONS, SIZES, with_articles
+from unclip.eval.attributes.captions import named_value
 
 Completer = Callable[[str, random.Random], str]
-
-SIZE_WORDS = {word for _, words in SIZES.values() for word in words}
-
-
-def names_a_size(prompt: str) -> bool:
-    return any(word in SIZE_WORDS for word in re.findall(r"[\w-]+", prompt.lower()))
-
 
 def complete_shapes(prompt: str, rng: random.Random, size: bool = True, cell: bool = True) -> str:
     """One object's prompt with a size drawn where it names none (after its article, a prompt without one keeps
@@ -33,9 +27,9 @@ def complete_shapes(prompt: str, rng: random.Random, size: bool = True, cell: bo
     draw. Prompts of several objects are returned unchanged. ``size``/``cell`` False: leave that one open."""
     if len(object_phrases(prompt)) > 1:
         return prompt
-    if size and not names_a_size(prompt):
+    if size and named_value("size", prompt) is None:
         sized = re.sub(r"^(a|an) ", lambda _: "{a} " + rng.choice(list(SIZES)) + " ", prompt, count=1, flags=re.IGNORECASE)
-        prompt = with_articles(sized) if sized != prompt else prompt
+        prompt = with_articles(sized)
     if cell and named_cell(prompt) is None:
         prompt = f"{prompt} in the {rng.choice(list(POSITIONS))}"
     return prompt

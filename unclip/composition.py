@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from unclip.data.shapes import POSITIONS
+from unclip.eval.attributes.captions import named_value
 
 Splitter = Callable[[str], Sequence[str]]
 
@@ -46,17 +47,11 @@ def conjunction(prompts: Sequence[str], split: Splitter) -> tuple[list[list[str]
     return rows, weights
 
 
-# Where a phrase puts its object: the cell (column, row) of a 3x3 layout that its position words name, the longest
-# match first ("top left" before "left"); the shapes data's positions and their synonyms.
-CELLS = sorted(((word, cell) for cell, words in POSITIONS.values() for word in words), key=lambda wc: -len(wc[0]))
-
-
 def named_cell(phrase: str) -> tuple[int, int] | None:
-    """The (column, row) of the 3x3 cell a phrase puts its object in ("... in the top left": (0, 0)), or None."""
-    for word, cell in CELLS:
-        if re.search(rf"\b{word}\b", phrase):
-            return cell
-    return None
+    """The (column, row) of the 3x3 cell a phrase puts its object in ("... in the top left": (0, 0)), read by the
+    evaluator's caption parser (the shapes data's positions and synonyms, "top left" before "left"), or None."""
+    position = named_value("position", phrase)
+    return None if position is None else POSITIONS[position][0]
 
 
 def layout_weights(parts: list[list[str]], weights: torch.Tensor, size: int = 24, sigma: float = 0.17,

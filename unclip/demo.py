@@ -288,6 +288,7 @@ def regrid(argv: list[str]) -> dict:
     from unclip.completion import COMPLETERS
     from unclip.composition import SPLITTERS
 
+    named = {"compose": SPLITTERS, "complete": COMPLETERS}  # settings that name a function, or none to turn it off
     name, samples, precision, settings, priors, decoder = "full", 16, "auto", {}, None, demo_stage("decoder")
     usage = (f"usage: python -m unclip.demo grids [profile={'|'.join(PROFILES)}] [samples=N] [priors=KIND,...] "
              f"[decoder=decoder/NAME] [precision={'|'.join(PRECISIONS)}] [{'] ['.join(f'{k}=...' for k in GRID_SETTINGS)}]")
@@ -304,11 +305,11 @@ def regrid(argv: list[str]) -> dict:
                 priors = value.split(",")
             elif key == "decoder" and value:
                 decoder = value
-            elif key == "compose" and value == "none":  # the plain conjunction-free sampling (and no layout)
-                settings.update(compose=None, layout=False)
-            elif key == "complete" and value == "none":  # prompts sampled as written
-                settings["complete"] = None
-            elif key in GRID_SETTINGS and (key != "compose" or value in SPLITTERS) and (key != "complete" or value in COMPLETERS):
+            elif key in named and value == "none":
+                settings[key] = None
+                if key == "compose":  # no parts, nothing to place
+                    settings["layout"] = False
+            elif key in GRID_SETTINGS and (key not in named or value in named[key]):
                 settings[key] = GRID_SETTINGS[key](value)
             else:
                 raise ValueError

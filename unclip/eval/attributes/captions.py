@@ -31,17 +31,21 @@ _PATTERNS = {key: _phrase_pattern(table) for key, table in
 _PAIR_SPLIT = re.compile("|".join(re.escape(t.replace("{obj1}", "").replace("{obj2}", "")) for t in PAIR_TEMPLATES))
 
 
+def named_value(attribute: str, text: str) -> str | None:
+    """The canonical value of ``attribute`` (shape, color, size, position) that ``text`` names first, in any synonym
+    (``named_value("position", "a disc in the upper left")`` -> ``"top left"``), or None."""
+    pattern, words = _PATTERNS[attribute]
+    found = pattern.search(text.lower())
+    return words[found.group(1)] if found else None
+
+
 def objects_from_caption(caption: str) -> list[dict]:
     """Parses a shapes-style caption or prompt (any template, any synonym) into prompt labels: one dict
     per object with the attributes the text names (``"a large blue square"`` -> ``[{shape, color, size}]``).
     An object phrase without a shape or a colour cannot be scored and raises ValueError."""
     objects = []
     for phrase in _PAIR_SPLIT.split(caption.lower()):
-        obj = {}
-        for key, (pattern, words) in _PATTERNS.items():
-            found = pattern.findall(phrase)
-            if found:
-                obj[key] = words[found[0]]
+        obj = {key: value for key in _PATTERNS if (value := named_value(key, phrase)) is not None}
         if "shape" not in obj or "color" not in obj:
             raise ValueError(f"cannot score {phrase.strip()!r} of prompt {caption!r}: it names no shape and colour of "
                              f"unclip.data.shapes.VOCAB")
