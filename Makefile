@@ -1,6 +1,6 @@
 # make demo  : set up .venv and run the pipeline end to end on the built-in shapes data, with the schedule
 #              whose pictures are recognisable (outputs/demo/; 18-22 min from a fresh clone on 2 cores with AVX512-BF16,
-#              about 50 min on 2 cores without native bf16, 2026-12-06)
+#              about 56 min on 2 cores without native bf16, 2026-12-06; the demo says which at its start)
 # make demo-fast : every stage small, a quick look at the whole pipeline; colours and positions right, shapes blurred (outputs/fast/)
 # make test  : set up .venv and run the test suite
 # make bench : throughput benchmarks (results in bench/results.md)

@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from unclip.demo import PROFILES, ROOT, Stage, StageFailed, auto_precision, check_profile, parse_cli, run_stages, stages
+from unclip.demo import (PROFILES, ROOT, Stage, StageFailed, auto_precision, check_profile, expectation, parse_cli, run_stages,
+                         stages)
 
 
 def script(done, body: str = "pass") -> tuple[str, ...]:
@@ -336,3 +337,13 @@ def test_the_grid_parser_takes_none_and_refuses_an_unknown_completer(monkeypatch
     monkeypatch.setitem(demo.PROFILES, "full", {**PROFILES["full"], "root": str(tmp_path)})
     with pytest.raises(SystemExit, match="grids need a finished demo"):  # parsed, then stopped at the missing stages
         demo.regrid(["complete=none", "compose=none", "complete=shapes"])
+
+
+def test_the_demo_tells_how_long_each_profile_takes_in_either_precision():
+    """Every profile has a time for both concrete precisions (a missing one would stop the demo at its first
+    line), and only a long fp32 run points to the quick profile."""
+    for name, profile in PROFILES.items():
+        for precision in ("bf16-mixed", "32-true"):
+            assert profile["expect"][precision] in expectation(name, precision)
+    assert "make demo-fast" in expectation("full", "32-true")
+    assert "demo-fast" not in expectation("full", "bf16-mixed") + expectation("fast", "32-true")

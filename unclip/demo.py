@@ -134,6 +134,8 @@ PROFILES = {
     # trains with hard negatives (captions one shape or colour away): zero-shot shape on held-out pairs 0.65 -> 0.89.
     "full": {
         "root": "outputs",
+        # wall time on 2 CPU cores from a fresh clone, setup included (README, "Demo"), told before the first stage
+        "expect": {"bf16-mixed": "18-22 min", "32-true": "about 56 min"},
         "clip": ("model.module.model_name=unclip-tiny", "trainer.max_steps=600", "trainer.val_check_interval=300",
                  "data.batch_size=256", "optim.optimizer.lr=1e-3", "optim.warmup_steps=50",
                  "model.module.hard_negatives=true"),
@@ -166,6 +168,7 @@ PROFILES = {
     # come out, shapes need the full profile's CLIP and decoder.
     "fast": {
         "root": "outputs/fast",
+        "expect": {"bf16-mixed": "about 7 min", "32-true": "about 15 min"},
         "clip": ("trainer.max_steps=300", "trainer.val_check_interval=300", "data.batch_size=256",
                  "optim.optimizer.lr=1e-3", "optim.warmup_steps=30"),
         "diffusion_prior": ("trainer.max_steps=300", "trainer.val_check_interval=300", "model.module.val_pool=250",
@@ -246,6 +249,14 @@ def parse_cli(argv: list[str]) -> tuple[str, int, str]:
         else:
             raise SystemExit(f"bad argument {arg!r}; {usage}")
     return profile, jobs, precision
+
+
+def expectation(name: str, precision: str) -> str:
+    """How long the profile takes on 2 CPU cores in ``precision``, and the quicker way where fp32 makes it long."""
+    told = f"on 2 CPU cores it takes {PROFILES[name]['expect'][precision]}"
+    if precision == "32-true" and name != "fast":
+        told += "; `make demo-fast` (profile=fast) is the quick look"
+    return told
 
 
 def check_profile(root: Path, name: str, plan: list[Stage]) -> None:
@@ -350,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     root = ROOT / profile["root"]
     demo = root / "demo"
     precision = auto_precision() if precision == "auto" else precision
-    print(f"[demo] profile {name}, training and sampling in {precision}", flush=True)
+    print(f"[demo] profile {name}, training and sampling in {precision}; {expectation(name, precision)}", flush=True)
     plan = stages(profile, precision)
     check_profile(root, name, plan)
     timings_path = demo / "timings.json"
