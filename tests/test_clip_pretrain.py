@@ -80,6 +80,30 @@ def test_hard_negative_captions_change_one_thing_and_never_name_a_held_out_pair(
     assert hard_negative_caption({"objects": []}, rng) is None
 
 
+def test_lookalike_negatives_name_the_twin_shape_as_often_as_asked_and_never_a_held_out_pair():
+    """A circle's changed shape is "hexagon" about ``lookalike`` of the time (a uniform draw: 1/5); a purple
+    hexagon's twin would be the held-out purple circle, so it falls back to the uniform draw."""
+    import random
+
+    from unclip.data.shapes import COLORS, SHAPES, hard_negative_caption
+
+    def twin_share(meta: dict, lookalike: float) -> float:
+        rng = random.Random(0)
+        changed = [named(hard_negative_caption(meta, rng, lookalike=lookalike), SHAPES)[0] for _ in range(1000)]
+        changed = [shape for shape in changed if shape != meta["objects"][0]["shape"]]
+        return sum(shape == {"circle": "hexagon", "hexagon": "circle"}[meta["objects"][0]["shape"]] for shape in changed) / len(changed)
+
+    red_circle = {"objects": [{"shape": "circle", "color": "red", "size": "large", "position": "left"}], "template": 5}
+    assert 0.12 < twin_share(red_circle, 0.0) < 0.28
+    assert 0.8 < twin_share(red_circle, 0.8) < 0.9  # 0.8 + 0.2 / 5
+    purple_hexagon = {"objects": [{"shape": "hexagon", "color": "purple", "size": "large", "position": "left"}], "template": 5}
+    assert twin_share(purple_hexagon, 1.0) == 0.0
+    rng = random.Random(1)
+    for _ in range(200):
+        text = hard_negative_caption(purple_hexagon, rng, lookalike=1.0)
+        assert (named(text, SHAPES)[0], named(text, COLORS)[0]) != ("circle", "purple"), text
+
+
 def test_hard_negatives_enter_the_loss_and_the_training_step(shapes_dir):
     from unclip.modules.clip_pretrain import contrastive_loss_with_negatives
 

@@ -92,6 +92,9 @@ PAIR_TEMPLATES = [
 ]
 
 DEFAULT_HOLDOUT = (("star", "green"), ("circle", "purple"), ("triangle", "cyan"), ("square", "pink"))
+# Shapes the renderer draws nearly alike at 32-64 px: a hexagon is a ring of six points at 1.05 r, a circle of
+# radius r. The demo's CLIP puts most circle images nearer "hexagon" than "circle" (README, "Demo").
+LOOKALIKE_SHAPES = {"circle": "hexagon", "hexagon": "circle"}
 
 
 @dataclass
@@ -193,12 +196,14 @@ def caption_for(objects: list[dict], template: int, rng: random.Random, synonyms
     return with_articles(PAIR_TEMPLATES[template].format(obj1=parts[0], obj2=parts[1]))
 
 
-def hard_negative_caption(meta: dict, rng: random.Random, forbidden=DEFAULT_HOLDOUT) -> str | None:
+def hard_negative_caption(meta: dict, rng: random.Random, forbidden=DEFAULT_HOLDOUT, lookalike: float = 0.0) -> str | None:
     """A caption of the image with one thing wrong, for contrastive hard negatives (NegCLIP, Yuksekgonul et
     al. 2023): one object's shape or colour changed, or, in a pair of differently coloured objects, the two
     colours swapped (the binding a bag-of-words text tower misses). Template and synonyms are drawn as for a
     real caption, so only the changed attribute tells the two apart. ``forbidden`` [shape, colour] pairs never
-    appear (held-out compositions stay unseen, as text too); None when ``meta`` has no objects."""
+    appear (held-out compositions stay unseen, as text too); None when ``meta`` has no objects. A changed shape
+    is the object's look-alike (``LOOKALIKE_SHAPES``) with probability ``lookalike``: the negative the image
+    tower most needs, which a uniform draw names one time in five."""
     objects = [dict(o) for o in meta.get("objects") or []]
     if not objects or "template" not in meta:
         return None
@@ -212,7 +217,8 @@ def hard_negative_caption(meta: dict, rng: random.Random, forbidden=DEFAULT_HOLD
     values = VOCAB.shapes if attribute == "shape" else VOCAB.colors
     choices = [v for v in values if v != objects[i][attribute]
                and ((v, objects[i]["color"]) if attribute == "shape" else (objects[i]["shape"], v)) not in forbidden]
-    objects[i][attribute] = rng.choice(choices)
+    twin = LOOKALIKE_SHAPES.get(objects[i]["shape"]) if attribute == "shape" and lookalike > 0 else None
+    objects[i][attribute] = twin if twin in choices and rng.random() < lookalike else rng.choice(choices)
     return caption_for(objects, meta["template"], rng, synonyms=True)
 
 

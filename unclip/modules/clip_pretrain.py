@@ -142,12 +142,12 @@ class ClipPretrainModule(UnclipModule):
 
     def __init__(self, model_name: str = "unclip-tiny", optim: dict | None = None, seed: int = 0,
                  retrieval_pool: int = 1000, clip_name: str | None = None, hard_negatives: bool = False,
-                 holdout: list | None = None):
+                 holdout: list | None = None, lookalike_negatives: float = 0.0):
         super().__init__(optim=optim, seed=seed)
         self.save_hyperparameters({"kind": self.kind, "model_name": model_name, "retrieval_pool": retrieval_pool,
-                                   "hard_negatives": hard_negatives})
+                                   "hard_negatives": hard_negatives, "lookalike_negatives": lookalike_negatives})
         self.model_name, self.retrieval_pool = model_name, retrieval_pool
-        self.hard_negatives = hard_negatives
+        self.hard_negatives, self.lookalike_negatives = hard_negatives, lookalike_negatives
         self.holdout = [tuple(p) for p in (DEFAULT_HOLDOUT if holdout is None else holdout)]  # never a negative's pair
         self.negative_rng = random.Random(seed)
         self.model = open_clip.create_model(model_name)
@@ -195,7 +195,7 @@ class ClipPretrainModule(UnclipModule):
             return z_img, encode_text_by_length(self.model, tokens), self.model.logit_scale.exp()
 
     def negative_captions(self, metas: list[dict]) -> list[str]:
-        captions = [hard_negative_caption(meta, self.negative_rng, self.holdout) for meta in metas]
+        captions = [hard_negative_caption(meta, self.negative_rng, self.holdout, self.lookalike_negatives) for meta in metas]
         if any(c is None for c in captions):
             raise ValueError("model.module.hard_negatives=true needs every sample's attributes (KEY.json \"objects\" "
                              "and \"template\", as python -m unclip.data.shapes writes them); this batch has samples "
