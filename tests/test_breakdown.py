@@ -52,6 +52,21 @@ def test_an_extra_object_costs_count_but_not_the_named_object():
     assert rows["two"]["acc"] == 0.5 and rows["two"]["prompt"] == 0.0 and rows["two"]["shape"] == 1.0
 
 
+def test_one_object_rows_say_which_shapes_a_stage_loses():
+    import math
+
+    pool = breakdown.Pool.__new__(breakdown.Pool)
+    pool.objects = [[RED_CIRCLE], [BLUE_SQUARE], [RED_CIRCLE, BLUE_SQUARE]]
+    pool.asked = [[{"shape": "circle", "color": "red"}], pool.objects[1], pool.objects[2]]
+    pool.captions = ["a red circle", "...", "..."]
+    pred = CellPredictions.from_objects(pool.objects)
+    pred.shape[0, CELL_OF["top left"]] = 1 + VOCAB.shapes.index("hexagon")  # the circle drawn as a hexagon
+    rows = {r["objects"]: r for r in breakdown.score_rows("decoder_true_zi", "val", pred, pool)}
+    by_shape = rows["single"]["by_shape"]
+    assert by_shape["circle"] == 0.0 and by_shape["square"] == 1.0 and math.isnan(by_shape["star"])
+    assert "by_shape" not in rows["two"]
+
+
 @pytest.mark.slow
 def test_breakdown_scores_every_stage_on_seen_and_held_out_pairs(shapes_dir, cache_dir, stages, tmp_path):  # noqa: F811
     out = tmp_path / "breakdown"
@@ -67,6 +82,8 @@ def test_breakdown_scores_every_stage_on_seen_and_held_out_pairs(shapes_dir, cac
     assert sum(r["n"] for r in rows if r["stage"] == "real" and r["split"] == "seen") == 12
     saved = json.loads((out / "breakdown.json").read_text())
     assert len(saved) == len(rows) and "| decoder_true_zi | held-out |" in (out / "breakdown.md").read_text()
+    assert "by the object's shape" in (out / "breakdown.md").read_text()
+    assert all(("by_shape" in r) == (r["objects"] == "single") for r in rows)
     again = run(cfg)  # the same seeds: the same numbers
     assert [r["acc"] for r in again] == [r["acc"] for r in rows]
     prompt = lambda rs: torch.tensor([r.get("prompt", float("nan")) for r in rs])  # noqa: E731 - zero-shot has none

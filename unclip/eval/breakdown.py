@@ -13,7 +13,8 @@ Every row scores the same val pairs (the first ``breakdown_pool`` of each split)
 Columns: ``shape``, ``color``, ``position`` per object the caption names, ``count`` (the image holds as many
 objects as the caption names: "no extra object"), ``acc`` (shape and colour right, per object) and
 ``prompt`` (every object of the image right), with 95 % Wilson intervals (``acc_ci``, ``prompt_ci``: half
-widths) so a difference between two rows can be read against its noise. CLIP's zero-shot ``count`` asks
+widths) so a difference between two rows can be read against its noise. One-object rows also carry
+``by_shape``, shape right per object shape (a second table in ``breakdown.md``): which shapes a link loses. CLIP's zero-shot ``count`` asks
 whether the caption of the first object alone or with a second object fits better. Writes
 ``breakdown.{json,md}``.
 """
@@ -107,7 +108,17 @@ def score_rows(stage: str, split: str, pred: CellPredictions, pool: Pool) -> lis
             "shape": metrics["attr_shape"], "color": metrics["attr_color"], "position": metrics["attr_position"],
             "count": sum(counts[i] for i in index) / len(index), "acc": metrics["attr_acc"],
             "prompt": metrics["attr_prompt"]}, n_objects=metrics["n_objects"]))
+        if group == "single":
+            rows[-1]["by_shape"] = {shape: score_predictions(*of_shape(picked, pool, index, shape))["attr_shape"]
+                                    for shape in VOCAB.shapes}
     return rows
+
+
+def of_shape(picked: CellPredictions, pool: Pool, index: list[int], shape: str) -> tuple[CellPredictions, list]:
+    """The predictions and asked objects of the one-object images (``index``) whose object is ``shape``."""
+    mine = [j for j, i in enumerate(index) if pool.objects[i][0]["shape"] == shape]
+    return (CellPredictions(picked.shape[mine], picked.color[mine], picked.size[mine]),
+            [pool.asked[index[j]] for j in mine])
 
 
 def row(stage: str, split: str, group: str, n: int, metrics: dict, n_objects: int | None = None) -> dict:
@@ -162,7 +173,14 @@ def zero_shot_rows(clip, split: str, pool: Pool) -> list[dict]:
             metrics = {a: sum(hits[a][i] for i in index) / len(index) for a in ATTRIBUTES}
             metrics["acc"] = sum(hits["shape"][i] and hits["color"][i] for i in index) / len(index)
             rows.append(row("clip_zero_shot", split, group, len(index), metrics))
+            if group == "single":
+                rows[-1]["by_shape"] = {shape: mean([hits["shape"][i] for i in index if pool.objects[i][0]["shape"] == shape])
+                                        for shape in VOCAB.shapes}
     return rows
+
+
+def mean(values: list) -> float:
+    return sum(values) / len(values) if values else math.nan
 
 
 # ----------------------------------------------------------------------------------- generation
@@ -228,5 +246,8 @@ def write(rows: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "breakdown.json").write_text(json.dumps(json_safe(rows), indent=1))
     table = markdown(rows, COLUMNS)
-    (out / "breakdown.md").write_text(table)
-    print(table)
+    # which shapes a stage loses (the demo's CLIP takes circles for hexagons): shape right per object shape
+    singles = [{"stage": r["stage"], "split": r["split"], **r["by_shape"]} for r in rows if "by_shape" in r]
+    by_shape = "\nShape right on one-object images, by the object's shape:\n\n" + markdown(singles, ["stage", "split", *VOCAB.shapes])
+    (out / "breakdown.md").write_text(table + by_shape)
+    print(table + by_shape)
