@@ -54,7 +54,6 @@ def score_grid(classifier, pixels, rows: list[tuple[str, str, list[dict]]], n: i
     """The grid's attribute accuracies overall and per group; ``right``: every named object has its shape
     and colour and the image holds no object the prompt did not ask for (a second blob is wrong)."""
     from unclip.eval.attributes import predict, score_predictions
-    from unclip.eval.attributes.scoring import CellPredictions
     from unclip.eval.breakdown import count_hits
 
     labels = [objects for _, _, objects in rows for _ in range(n)]
@@ -62,15 +61,13 @@ def score_grid(classifier, pixels, rows: list[tuple[str, str, list[dict]]], n: i
     pred = predict(classifier, pixels)
     scores = score_predictions(pred, labels)
     exact = count_hits(pred, labels)
-    per_image = [score_predictions(CellPredictions(pred.shape[i:i + 1], pred.color[i:i + 1], pred.size[i:i + 1]),
-                                   [labels[i]])["attr_prompt"] == 1.0 and exact[i] for i in range(len(labels))]
+    per_image = [score_predictions(pred.subset([i]), [labels[i]])["attr_prompt"] == 1.0 and exact[i] for i in range(len(labels))]
     scores["right"] = sum(per_image) / len(per_image)
     scores["rows"] = [{"prompt": prompt, "right": sum(per_image[r * n:(r + 1) * n]) / n,
                        "count": sum(exact[r * n:(r + 1) * n]) / n} for r, (_, prompt, _) in enumerate(rows)]
     for group in PROMPTS:
         index = [i for i, g in enumerate(groups) if g == group]
-        picked = CellPredictions(pred.shape[index], pred.color[index], pred.size[index])
-        scores[f"attr_acc_{group}"] = score_predictions(picked, [labels[i] for i in index])["attr_acc"]
+        scores[f"attr_acc_{group}"] = score_predictions(pred.subset(index), [labels[i] for i in index])["attr_acc"]
         scores[f"right_{group}"] = sum(per_image[i] for i in index) / len(index)
     return scores
 

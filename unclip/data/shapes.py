@@ -217,6 +217,7 @@ def hard_negative_caption(meta: dict, rng: random.Random, forbidden=DEFAULT_HOLD
     values = VOCAB.shapes if attribute == "shape" else VOCAB.colors
     choices = [v for v in values if v != objects[i][attribute]
                and ((v, objects[i]["color"]) if attribute == "shape" else (objects[i]["shape"], v)) not in forbidden]
+    # no extra draw at lookalike 0, so the negatives (and runs) of earlier recipes repeat exactly
     twin = LOOKALIKE_SHAPES.get(objects[i]["shape"]) if attribute == "shape" and lookalike > 0 else None
     objects[i][attribute] = twin if twin in choices and rng.random() < lookalike else rng.choice(choices)
     return caption_for(objects, meta["template"], rng, synonyms=True)

@@ -14,9 +14,9 @@ Columns: ``shape``, ``color``, ``position`` per object the caption names, ``coun
 objects as the caption names: "no extra object"), ``acc`` (shape and colour right, per object) and
 ``prompt`` (every object of the image right), with 95 % Wilson intervals (``acc_ci``, ``prompt_ci``: half
 widths) so a difference between two rows can be read against its noise. One-object rows also carry
-``by_shape``, shape right per object shape (a second table in ``breakdown.md``): which shapes a link loses. CLIP's zero-shot ``count`` asks
-whether the caption of the first object alone or with a second object fits better. Writes
-``breakdown.{json,md}``.
+``by_shape``, shape right per object shape (a second table in ``breakdown.md``): which shapes a link loses.
+CLIP's zero-shot ``count`` asks whether the caption of the first object alone or with a second object fits
+better. Writes ``breakdown.{json,md}``.
 """
 
 from __future__ import annotations
@@ -102,23 +102,20 @@ def score_rows(stage: str, split: str, pred: CellPredictions, pool: Pool) -> lis
         index = [i for i, o in enumerate(pool.objects) if len(o) == k]
         if not index:
             continue
-        picked = CellPredictions(pred.shape[index], pred.color[index], pred.size[index])
-        metrics = score_predictions(picked, [pool.asked[i] for i in index])
+        metrics = score_predictions(pred.subset(index), [pool.asked[i] for i in index])
         rows.append(row(stage, split, group, len(index), {
             "shape": metrics["attr_shape"], "color": metrics["attr_color"], "position": metrics["attr_position"],
             "count": sum(counts[i] for i in index) / len(index), "acc": metrics["attr_acc"],
             "prompt": metrics["attr_prompt"]}, n_objects=metrics["n_objects"]))
         if group == "single":
-            rows[-1]["by_shape"] = {shape: score_predictions(*of_shape(picked, pool, index, shape))["attr_shape"]
-                                    for shape in VOCAB.shapes}
+            rows[-1]["by_shape"] = {shape: score_predictions(pred.subset(ids), [pool.asked[i] for i in ids])["attr_shape"]
+                                    for shape, ids in by_shape(pool, index).items()}
     return rows
 
 
-def of_shape(picked: CellPredictions, pool: Pool, index: list[int], shape: str) -> tuple[CellPredictions, list]:
-    """The predictions and asked objects of the one-object images (``index``) whose object is ``shape``."""
-    mine = [j for j, i in enumerate(index) if pool.objects[i][0]["shape"] == shape]
-    return (CellPredictions(picked.shape[mine], picked.color[mine], picked.size[mine]),
-            [pool.asked[index[j]] for j in mine])
+def by_shape(pool: Pool, index: list[int]) -> dict[str, list[int]]:
+    """The one-object images of ``index`` grouped by their object's shape (every shape, perhaps with none)."""
+    return {shape: [i for i in index if pool.objects[i][0]["shape"] == shape] for shape in VOCAB.shapes}
 
 
 def row(stage: str, split: str, group: str, n: int, metrics: dict, n_objects: int | None = None) -> dict:
@@ -174,8 +171,7 @@ def zero_shot_rows(clip, split: str, pool: Pool) -> list[dict]:
             metrics["acc"] = sum(hits["shape"][i] and hits["color"][i] for i in index) / len(index)
             rows.append(row("clip_zero_shot", split, group, len(index), metrics))
             if group == "single":
-                rows[-1]["by_shape"] = {shape: mean([hits["shape"][i] for i in index if pool.objects[i][0]["shape"] == shape])
-                                        for shape in VOCAB.shapes}
+                rows[-1]["by_shape"] = {shape: mean([hits["shape"][i] for i in ids]) for shape, ids in by_shape(pool, index).items()}
     return rows
 
 

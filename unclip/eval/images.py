@@ -19,7 +19,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from unclip.eval.attributes import CellPredictions, load_classifier, predict, score_predictions
+from unclip.eval.attributes import load_classifier, predict, score_predictions
 from unclip.eval.baselines import load_prior
 from unclip.eval.generation import decode_embeddings, sample_embeddings, timings, with_prior
 from unclip.eval.image_metrics import clip_scores, fd_clip
@@ -44,12 +44,6 @@ IMAGE_COLUMNS = ["ms_per_image", "attr_acc", "attr_acc_seen", "attr_acc_unseen",
                  "clip_score_seen", "clip_score_unseen", "fd_clip"]
 
 
-
-def subset(pred: CellPredictions, rows: list[int]) -> CellPredictions:
-    index = torch.as_tensor(rows, dtype=torch.long)
-    return CellPredictions(pred.shape[index], pred.color[index], pred.size[index])
-
-
 @torch.no_grad()
 def score_images(pixels: torch.Tensor, entries: list[dict], n: int, clip, classifier, real_images: torch.Tensor | None) -> dict:
     """Attribute accuracy (overall, and ``attr_acc_<group>`` per :data:`GROUPS`), CLIP score against the
@@ -63,7 +57,7 @@ def score_images(pixels: torch.Tensor, entries: list[dict], n: int, clip, classi
     metrics["clip_score"] = float(scores.mean())
     for group, member in GROUPS.items():
         rows = [i for i, t in enumerate(tags) if member(t)]
-        metrics[f"attr_acc_{group}"] = score_predictions(subset(predictions, rows), [objects[i] for i in rows])["attr_acc"]
+        metrics[f"attr_acc_{group}"] = score_predictions(predictions.subset(rows), [objects[i] for i in rows])["attr_acc"]
         metrics[f"clip_score_{group}"] = float(scores[rows].mean()) if rows else math.nan
         metrics[f"n_{group}"] = len(rows)
     enough = real_images is not None and len(real_images) >= 2 and len(pixels) >= 2  # a covariance needs two

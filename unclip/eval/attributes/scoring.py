@@ -28,6 +28,11 @@ class CellPredictions:
     def __len__(self) -> int:
         return len(self.shape)
 
+    def subset(self, rows: Sequence[int]) -> "CellPredictions":
+        """The predictions of images ``rows`` only, in that order."""
+        index = torch.as_tensor(rows, dtype=torch.long)
+        return CellPredictions(self.shape[index], self.color[index], self.size[index])
+
     def objects(self, i: int) -> list[dict]:
         """Image ``i`` as KEY.json-style objects, one per non-empty cell."""
         return [{"shape": VOCAB.shapes[int(self.shape[i, c]) - 1], "color": VOCAB.colors[int(self.color[i, c])],
