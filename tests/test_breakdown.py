@@ -7,11 +7,14 @@ import pytest
 import torch
 
 from test_leaderboard import compose_evaluate, stages, tiny_overrides  # noqa: F401  (stages: a fixture)
+from test_pipeline import save_stage
 from unclip.data.shapes import VOCAB
 from unclip.eval import breakdown
-from unclip.eval.attributes import CellPredictions
+from unclip.degradations import resize
+from unclip.eval.attributes import CellPredictions, predict
 from unclip.eval.attributes.net import CELL_OF
 from unclip.eval.run import run
+from unclip.modules.upsampler import UpsamplerModule
 
 RED_CIRCLE = {"shape": "circle", "color": "red", "size": "small", "position": "top left"}
 BLUE_SQUARE = {"shape": "square", "color": "blue", "size": "large", "position": "center"}
@@ -104,3 +107,36 @@ def test_breakdown_adds_each_priors_composed_row(shapes_dir, cache_dir, stages, 
     with pytest.raises(ValueError, match="not a prompt splitter"):
         run(compose_evaluate(tiny_overrides(shapes_dir, cache_dir, stages, tmp_path / "bad")
                              + ["mode=breakdown", f"priors=[{stages['diffusion']}]", "breakdown_pool=4", "compose=commas"]))
+
+
+def test_breakdown_scores_the_upsampler_on_real_images_and_on_decoded_ones(shapes_dir, cache_dir, stages, tiny_clip,  # noqa: F811
+                                                                            tmp_path, monkeypatch):
+    """upsampled_real is the upsampler alone: the real images (at the decoder's 16 px) through it. A residual
+    upsampler whose output layers are still zero draws exactly bicubic's answer, so the row must read the
+    bicubic-upsampled real images."""
+    net = dict(image_size=32, channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[],
+               middle_attention=False, groups=8)
+    upsampler = UpsamplerModule(net, dict(schedule="cosine", num_timesteps=100, prediction="x0"),
+                                dict(kind="ddim", steps=2, clip_denoised=True), lowres_size=16, residual=True)
+    path = save_stage(upsampler, tiny_clip, tmp_path / "upsampler.ckpt")
+    read = []  # every image batch the classifier reads, in order
+
+    def spy(classifier, images, *args, **kwargs):
+        read.append(images.clone())
+        return predict(classifier, images, *args, **kwargs)
+
+    monkeypatch.setattr(breakdown, "predict", spy)
+    cfg = compose_evaluate(tiny_overrides(shapes_dir, cache_dir, stages, tmp_path / "upsampled")
+                           + ["mode=breakdown", "priors=[]", "breakdown_pool=8", f"upsamplers=[{path}]"])
+    rows = run(cfg)
+    pools = breakdown.load_pools(cfg, 16, 8)
+    for split, pool in pools.items():
+        label = breakdown.SPLITS[split]
+        assert [r["n"] for r in rows if r["stage"] == "upsampled_real" and r["split"] == label] == [
+            r["n"] for r in rows if r["stage"] == "real" and r["split"] == label]
+        assert sum(r["n"] for r in rows if r["stage"] == "upsampled" and r["split"] == label) == len(pool) == 8
+    # per split: real, upsampled_real, decoder_true_zi, upsampled
+    assert len(read) == 4 * len(pools)
+    for k, pool in enumerate(pools.values()):
+        torch.testing.assert_close(read[4 * k + 1], resize(pool.images, 32), atol=1e-5, rtol=0)
+        assert read[4 * k + 3].shape[-1] == 32 and not torch.allclose(read[4 * k + 3], read[4 * k + 1])

@@ -4,7 +4,8 @@ on seen (``val``) and held-out (``val_unseen``) compositions, single- and two-ob
     real            the attribute classifier on the real images: the evaluator's own ceiling
     clip_zero_shot  CLIP picks the true caption among captions that differ in one attribute
     decoder_true_zi the decoder from each real image's own z_i (the cache's): what decoding loses
-    upsampled       the same pixels through the upsamplers (only with ``upsamplers=[...]``)
+    upsampled_real  the real images through the upsamplers: what upsampling alone loses (with ``upsamplers=[...]``)
+    upsampled       the decoded pixels through the upsamplers (only with ``upsamplers=[...]``)
     <prior>         the prior from the real caption, then the decoder (and upsamplers): end to end
     <prior> composed (NAME) the same with ``compose=NAME`` (and ``layout=true``): the caption drawn as a conjunction
                     of its parts (``unclip.composition``), a prior draw for each and one decode guided towards all
@@ -220,6 +221,8 @@ def run_breakdown(cfg: DictConfig, clip) -> list[dict]:
     for split, pool in pools.items():
         log.info("breakdown: %s, %d pairs", split, len(pool))
         rows += score_rows("real", split, predict(classifier, pool.images), pool)
+        if upsamplers:  # the upsamplers given what the decoder should have drawn
+            rows += score_rows("upsampled_real", split, predict(classifier, upsample(pipe, pool.images, seed, batch_size)), pool)
         rows += zero_shot_rows(clip, split, pool)
         decoded, _ = decode_embeddings(plain, pool.z_img, pool.captions, seed, decoder_settings, batch_size)
         rows += score_rows("decoder_true_zi", split, predict(classifier, decoded), pool)
