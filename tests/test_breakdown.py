@@ -8,13 +8,13 @@ import torch
 
 from test_leaderboard import compose_evaluate, stages, tiny_overrides  # noqa: F401  (stages: a fixture)
 from test_pipeline import save_stage
+from test_upsampler import tiny_upsampler
 from unclip.data.shapes import VOCAB
 from unclip.eval import breakdown
 from unclip.degradations import resize
 from unclip.eval.attributes import CellPredictions, predict
 from unclip.eval.attributes.net import CELL_OF
 from unclip.eval.run import run
-from unclip.modules.upsampler import UpsamplerModule
 
 RED_CIRCLE = {"shape": "circle", "color": "red", "size": "small", "position": "top left"}
 BLUE_SQUARE = {"shape": "square", "color": "blue", "size": "large", "position": "center"}
@@ -114,10 +114,7 @@ def test_breakdown_scores_the_upsampler_on_real_images_and_on_decoded_ones(shape
     """upsampled_real is the upsampler alone: the real images (at the decoder's 16 px) through it. A residual
     upsampler whose output layers are still zero draws exactly bicubic's answer, so the row must read the
     bicubic-upsampled real images."""
-    net = dict(image_size=32, channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[],
-               middle_attention=False, groups=8)
-    upsampler = UpsamplerModule(net, dict(schedule="cosine", num_timesteps=100, prediction="x0"),
-                                dict(kind="ddim", steps=2, clip_denoised=True), lowres_size=16, residual=True)
+    upsampler = tiny_upsampler(diffusion=dict(schedule="cosine", num_timesteps=100, prediction="x0"), residual=True)
     path = save_stage(upsampler, tiny_clip, tmp_path / "upsampler.ckpt")
     read = []  # every image batch the classifier reads, in order
 

@@ -247,6 +247,6 @@ def write(rows: list[dict], out: Path) -> None:
     table = markdown(rows, COLUMNS)
     # which shapes a stage loses (the demo's CLIP takes circles for hexagons): shape right per object shape
     singles = [{"stage": r["stage"], "split": r["split"], **r["by_shape"]} for r in rows if "by_shape" in r]
-    by_shape = "\nShape right on one-object images, by the object's shape:\n\n" + markdown(singles, ["stage", "split", *VOCAB.shapes])
-    (out / "breakdown.md").write_text(table + by_shape)
-    print(table + by_shape)
+    shapes_table = "\nShape right on one-object images, by the object's shape:\n\n" + markdown(singles, ["stage", "split", *VOCAB.shapes])
+    (out / "breakdown.md").write_text(table + shapes_table)
+    print(table + shapes_table)
