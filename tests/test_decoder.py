@@ -92,6 +92,32 @@ def test_text_to_time_lets_the_caption_reach_nets_without_attention():
     torch.testing.assert_close(net(x, t, z, tokens, mask, None, dropped), net(x, t, z, None, None))
 
 
+def test_caption_embedding_keeps_apart_words_the_clip_text_tower_merges(tiny_clip):
+    """With caption_embedding each caption token id gets its own learned vector on top of CLIP's state: it starts at
+    zero (the CLIP-only decoder), training moves the rows of the words it saw, and the stage loads back with it."""
+    module = DecoderModule(tiny_unet_config(text_width=tiny_clip.text_width), DIFFUSION, SAMPLER, clip=tiny_clip,
+                           text_cond=True, text_drop_prob=0.0, caption_embedding=True)
+    plain = DecoderModule(tiny_unet_config(), DIFFUSION, SAMPLER, clip=tiny_clip, text_cond=True)
+    captions = ["a red circle", "a red hexagon"]
+    states = [plain.text_condition(captions)[0], module.text_condition(captions)[0]]
+    torch.testing.assert_close(states[0], states[1])  # zero at first
+    randomise_zero_layers(module.net)  # the rest of the net live, so gradients reach the captions' rows
+    nn.init.zeros_(module.net.caption_embedding.weight)
+    batch = {"image": torch.zeros(2, 3, 16, 16), "img_emb": torch.randn(2, 128), "caption": captions}
+    module.train()
+    module.loss(batch).backward()
+    grad = module.net.caption_embedding.weight.grad
+    ids = tiny_clip.tokenize(captions)
+    moved = grad.abs().sum(-1).nonzero().flatten()
+    assert set(moved.tolist()) == set(ids[ids != 0].tolist())  # exactly the rows of the captions' tokens
+    hexagon = int(ids[1, 3])
+    with torch.no_grad():
+        module.net.caption_embedding.weight[hexagon] = 1.0
+    tokens = module.text_condition(captions)[0]
+    torch.testing.assert_close(tokens[0], states[0][0])
+    assert (tokens[1, 3] - states[0][1, 3]).abs().min() > 0.99 and torch.equal(tokens[1, :3], states[0][1, :3])
+
+
 class RecordingNet(nn.Module):
     """Stands in for the UNet to see which conditions the training step drops."""
 

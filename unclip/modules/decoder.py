@@ -25,18 +25,25 @@ from unclip.nets.unet import UNet
 log = logging.getLogger(__name__)
 
 
+def caption_vocab(clip) -> int:
+    """The number of token ids the CLIP's tokenizer gives out."""
+    tokenizer = clip.tokenizer
+    size = getattr(tokenizer, "vocab_size", None) or len(getattr(tokenizer, "tokenizer", tokenizer))
+    return int(size)
+
+
 class DecoderModule(UnclipModule):
     kind = "decoder"
 
     def __init__(self, net: dict, diffusion: dict, sampler: dict, clip=None, text_cond: bool = False,
                  image_drop_prob: float = 0.1, text_drop_prob: float = 0.5, val_images: int = 16,
                  attribute_classifier: str | None = None, optim: dict | None = None, seed: int = 0,
-                 image_noise: float = 0.0):
+                 image_noise: float = 0.0, caption_embedding: bool = False):
         super().__init__(optim=optim, seed=seed)
         if clip is None:
             raise ValueError("the decoder needs the run's frozen CLIP (model.needs_clip=true): it scores decoded images "
                              "and, with text_cond, encodes captions")
-        self.clip, self.text_cond = clip, text_cond
+        self.clip, self.text_cond, self.caption_embedding = clip, text_cond, caption_embedding
         self.net = self.build_net(dict(net), diffusion)
         self.diffusion = GaussianDiffusion.from_config(**diffusion)
         self.sampler = Sampler(**sampler)
@@ -44,7 +51,8 @@ class DecoderModule(UnclipModule):
         self.image_noise = image_noise
         self.save_hyperparameters({"kind": self.kind, "net": self.net.hparams(), "diffusion": dict(diffusion),
                                    "sampler": dict(sampler), "text_cond": text_cond, "image_drop_prob": image_drop_prob,
-                                   "text_drop_prob": text_drop_prob, "image_noise": image_noise})
+                                   "text_drop_prob": text_drop_prob, "image_noise": image_noise,
+                                   "caption_embedding": caption_embedding})
         self.val_store: dict[str, dict[str, list]] = {}
         # the project's attribute classifier (python train_classifier.py), when trained: scores decoded val
         # images against the attributes of the images whose z_i they decode
@@ -55,6 +63,7 @@ class DecoderModule(UnclipModule):
         """The denoiser, called ``net(x_t, t, z, tokens, mask, drop_image, drop_text)``: unclip's UNet, sized for
         the CLIP's caption tokens and the diffusion's variance (a subclass may bring another net)."""
         net["text_width"] = self.clip.text_width if self.text_cond else 0
+        net["caption_vocab"] = caption_vocab(self.clip) if self.text_cond and self.caption_embedding else 0
         net["learn_sigma"] = diffusion.get("variance") == "learned_range"
         return UNet(net)
 
@@ -99,9 +108,13 @@ class DecoderModule(UnclipModule):
         if not self.text_cond:
             return None, None
         if cached is not None:
-            return trim_padding(*cached_token_states(cached.to(self.device)))
-        text = self.clip.encode_text(list(captions))
-        return trim_padding(text.tokens.float().to(self.device), text.mask.to(self.device))
+            tokens, mask = trim_padding(*cached_token_states(cached.to(self.device)))
+        else:
+            text = self.clip.encode_text(list(captions))
+            tokens, mask = trim_padding(text.tokens.float().to(self.device), text.mask.to(self.device))
+        if self.caption_embedding:
+            tokens = self.net.caption_states(tokens, self.clip.tokenize(list(captions)))
+        return tokens, mask
 
     # ---------------------------------------------------------------------------------- training
     def loss(self, batch: dict) -> torch.Tensor:

@@ -37,6 +37,7 @@ class UNetConfig:
     context_tokens: int = 4                   # unCLIP: z_i becomes 4 extra context tokens
     text_width: int = 0                       # caption token states (0 = no text tokens)
     text_to_time: bool = False                # also add the caption's pooled token states to t's embedding (GLIDE)
+    caption_vocab: int = 0                    # > 0: a learned embedding of each caption token id, added to its state
     learn_sigma: bool = False                 # twice the output channels (IDDPM learned range)
     lowres_channels: int = 0                  # upsamplers: channels of the conditioning low-res image
     patch_size: int = 1                       # p > 1: the net runs on p x p pixel patches (image_size / p grid)
@@ -179,9 +180,14 @@ class UNet(nn.Module):
             self.image_embed_to_tokens = nn.Linear(c.embed_dim, c.context_tokens * context_dim)  # 4 extra tokens
             self.null_image_embed = nn.Parameter(torch.zeros(c.embed_dim))                 # CFG: z_i dropped
         self.text_proj = nn.Linear(c.text_width, context_dim) if c.text_width else None
-        # GLIDE §2.3 puts the caption in the class embedding's place too, so every ResBlock reads it, not only the
-        # attention layers; no bias, so a dropped caption (mean of no tokens = 0) adds nothing
+        # GLIDE (Nichol et al. 2022) also puts the caption where ADM has its class embedding, so every ResBlock
+        # reads it, not only the attention layers; no bias: a dropped caption (mean of no tokens = 0) adds nothing
         self.text_to_time = nn.Linear(c.text_width, emb_dim, bias=False) if c.text_width and c.text_to_time else None
+        # A frozen CLIP's text tower can merge words its image tower does not tell apart (on shapes, "circle" and
+        # "hexagon"); GLIDE, whose decoder unCLIP keeps, trains its own text encoder with the decoder. Each token id
+        # gets a learned vector added to its CLIP state, zero at first: the net starts as the CLIP-only one.
+        self.caption_embedding = (zero(nn.Embedding(c.caption_vocab, c.text_width))
+                                  if c.text_width and c.caption_vocab else None)
         self.context_norm = nn.LayerNorm(context_dim) if context_dim else None
 
         if c.image_size % c.patch_size:
@@ -227,6 +233,13 @@ class UNet(nn.Module):
         an upsampler samples 1.3-1.4x faster in it on a CPU, fp32 and bf16 alike (README, bench)."""
         self.config.channels_last = True
         return self.to(memory_format=torch.channels_last)
+
+    def caption_states(self, tokens: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """The caption's token states (B, L, W) as the net reads them: with ``caption_vocab``, each plus the learned
+        embedding of its token id (``token_ids`` (B, >= L), the tokenizer's ids of the same captions)."""
+        if self.caption_embedding is None:
+            return tokens
+        return tokens + self.caption_embedding(token_ids[:, :tokens.shape[1]].to(tokens.device)).to(tokens.dtype)
 
     def conditioning(self, t, z_img, tokens, mask, drop_image, drop_text, aug_level=None):
         """(embedding added in every ResBlock, context tokens, which context tokens are visible)."""
