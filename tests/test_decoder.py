@@ -73,25 +73,6 @@ def test_image_embedding_and_caption_change_the_prediction():
                                net(x, t, torch.randn_like(z), torch.randn_like(tokens), mask, dropped, dropped))
 
 
-def test_text_to_time_lets_the_caption_reach_nets_without_attention():
-    """GLIDE's pooled caption in t's embedding: with no attention layer the caption reaches the net only that way,
-    padding tokens do not count, and a dropped caption still leaves the unconditional prediction caption-free."""
-    config = tiny_unet_config(text_width=24, attention_resolutions=[], middle_attention=False)
-    x, t, z = torch.randn(2, 3, 16, 16), torch.tensor([10, 500]), torch.randn(2, 128)
-    tokens, mask = torch.randn(2, 5, 24), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
-    other = torch.randn_like(tokens)
-    plain = randomise_zero_layers(UNet(config)).eval()
-    torch.testing.assert_close(plain(x, t, z, tokens, mask), plain(x, t, z, other, mask))  # the caption is unread
-    net = randomise_zero_layers(UNet({**config, "text_to_time": True})).eval()
-    base = net(x, t, z, tokens, mask)
-    assert not torch.allclose(base, net(x, t, z, other, mask), atol=1e-4)
-    padded = tokens.clone()
-    padded[0, 3:] = torch.randn(2, 24)
-    torch.testing.assert_close(base, net(x, t, z, padded, mask))
-    dropped = torch.ones(2, dtype=torch.bool)
-    torch.testing.assert_close(net(x, t, z, tokens, mask, None, dropped), net(x, t, z, None, None))
-
-
 def test_caption_embedding_keeps_apart_words_the_clip_text_tower_merges(tiny_clip):
     """With caption_embedding each caption token id gets its own learned vector on top of CLIP's state: it starts at
     zero (the CLIP-only decoder), training moves the rows of the words it saw, and the stage loads back with it."""

@@ -36,7 +36,6 @@ class UNetConfig:
     embed_dim: int = 512                      # z_i dimension; 0 = unconditional (e.g. an upsampler without z_i)
     context_tokens: int = 4                   # unCLIP: z_i becomes 4 extra context tokens
     text_width: int = 0                       # caption token states (0 = no text tokens)
-    text_to_time: bool = False                # also add the caption's pooled token states to t's embedding (GLIDE)
     caption_vocab: int = 0                    # > 0: a learned embedding of each caption token id, added to its state
     learn_sigma: bool = False                 # twice the output channels (IDDPM learned range)
     lowres_channels: int = 0                  # upsamplers: channels of the conditioning low-res image
@@ -60,12 +59,6 @@ class GroupNorm(nn.GroupNorm):
 
 def norm(channels: int, groups: int) -> GroupNorm:
     return GroupNorm(math.gcd(groups, channels), channels)  # the most groups <= ``groups`` that divide evenly
-
-
-def masked_mean(tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """The mean of each row's valid token states (B, L, W) -> (B, W); zero for a row with none (caption dropped)."""
-    keep = valid.to(tokens.dtype)[..., None]
-    return (tokens * keep).sum(1) / keep.sum(1).clamp(min=1)
 
 
 def zero(module: nn.Module) -> nn.Module:
@@ -180,9 +173,6 @@ class UNet(nn.Module):
             self.image_embed_to_tokens = nn.Linear(c.embed_dim, c.context_tokens * context_dim)  # 4 extra tokens
             self.null_image_embed = nn.Parameter(torch.zeros(c.embed_dim))                 # CFG: z_i dropped
         self.text_proj = nn.Linear(c.text_width, context_dim) if c.text_width else None
-        # GLIDE (Nichol et al. 2022) also puts the caption where ADM has its class embedding, so every ResBlock
-        # reads it, not only the attention layers; no bias: a dropped caption (mean of no tokens = 0) adds nothing
-        self.text_to_time = nn.Linear(c.text_width, emb_dim, bias=False) if c.text_width and c.text_to_time else None
         # A frozen CLIP's text tower can merge words its image tower does not tell apart (on shapes, "circle" and
         # "hexagon"); GLIDE, whose decoder unCLIP keeps, trains its own text encoder with the decoder. Each token id
         # gets a learned vector added to its CLIP state, zero at first: the net starts as the CLIP-only one.
@@ -261,8 +251,6 @@ class UNet(nn.Module):
             text_valid = mask.bool() if drop_text is None else mask.bool() & ~drop_text[:, None]
             context = torch.cat([context, self.text_proj(tokens)], dim=1)
             valid = torch.cat([valid, text_valid], dim=1)
-            if self.text_to_time is not None:
-                emb = emb + self.text_to_time(masked_mean(tokens, text_valid))
         return emb, self.context_norm(context), valid
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, z_img: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
