@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from test_train_cli import common, run_cli
 from unclip.diffusion import Sampler
+from unclip.loading import build_stage
 from unclip.modules.decoder import DecoderModule
 from unclip.nets.unet import UNet
 from helpers import fixed_loss, logged_keys, train_steps
@@ -97,6 +98,9 @@ def test_caption_embedding_keeps_apart_words_the_clip_text_tower_merges(tiny_cli
     tokens = module.text_condition(captions)[0]
     torch.testing.assert_close(tokens[0], states[0][0])
     assert (tokens[1, 3] - states[0][1, 3]).abs().min() > 0.99 and torch.equal(tokens[1, :3], states[0][1, :3])
+    loaded = build_stage({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()},
+                         Path("decoder.ckpt"), clip=tiny_clip)
+    torch.testing.assert_close(loaded.text_condition(captions)[0], tokens)  # the stage rebuilds with its embedding
 
 
 class RecordingNet(nn.Module):
