@@ -105,6 +105,11 @@ class FrozenCLIP:
     def context_length(self) -> int:
         return int(self.tokenizer.context_length)
 
+    @property
+    def vocab_size(self) -> int:
+        """The number of token ids the tokenizer gives out (open_clip's own BPE, or a Hugging Face tokenizer's)."""
+        return int(getattr(self.tokenizer, "vocab_size", None) or len(getattr(self.tokenizer, "tokenizer", self.tokenizer)))
+
     def identity(self) -> dict:
         if self._sha256 is None:
             self._sha256 = weights_sha256(self.model)

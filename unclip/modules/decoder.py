@@ -25,13 +25,6 @@ from unclip.nets.unet import UNet
 log = logging.getLogger(__name__)
 
 
-def caption_vocab(clip) -> int:
-    """The number of token ids the CLIP's tokenizer gives out."""
-    tokenizer = clip.tokenizer
-    size = getattr(tokenizer, "vocab_size", None) or len(getattr(tokenizer, "tokenizer", tokenizer))
-    return int(size)
-
-
 class DecoderModule(UnclipModule):
     kind = "decoder"
 
@@ -63,7 +56,7 @@ class DecoderModule(UnclipModule):
         """The denoiser, called ``net(x_t, t, z, tokens, mask, drop_image, drop_text)``: unclip's UNet, sized for
         the CLIP's caption tokens and the diffusion's variance (a subclass may bring another net)."""
         net["text_width"] = self.clip.text_width if self.text_cond else 0
-        net["caption_vocab"] = caption_vocab(self.clip) if self.text_cond and self.caption_embedding else 0
+        net["caption_vocab"] = self.clip.vocab_size if self.text_cond and self.caption_embedding else 0
         net["learn_sigma"] = diffusion.get("variance") == "learned_range"
         return UNet(net)
 
@@ -107,13 +100,15 @@ class DecoderModule(UnclipModule):
         (``txt_tok``, zero past each caption's end) when the batch has them, else the frozen text tower's."""
         if not self.text_cond:
             return None, None
+        # token ids: tokenized once, for the text tower and the decoder's own caption embedding alike
+        ids = None if cached is not None and not self.caption_embedding else self.clip.tokenize(list(captions))
         if cached is not None:
             tokens, mask = trim_padding(*cached_token_states(cached.to(self.device)))
         else:
-            text = self.clip.encode_text(list(captions))
+            text = self.clip.encode_tokens(ids)
             tokens, mask = trim_padding(text.tokens.float().to(self.device), text.mask.to(self.device))
         if self.caption_embedding:
-            tokens = self.net.caption_states(tokens, self.clip.tokenize(list(captions)))
+            tokens = self.net.caption_states(tokens, ids)
         return tokens, mask
 
     # ---------------------------------------------------------------------------------- training
