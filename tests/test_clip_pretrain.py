@@ -126,6 +126,37 @@ def test_hard_negatives_enter_the_loss_and_the_training_step(shapes_dir):
         module.training_step({**batch, "meta": [{}] * len(batch["caption"])}, 0)
 
 
+def test_image_negatives_enter_the_loss_and_the_training_step(shapes_dir):
+    from unclip.modules.clip_pretrain import contrastive_loss_with_negatives
+
+    z = F.normalize(torch.randn(4, 8), dim=-1)
+    scale = torch.tensor(10.0)
+    plain = contrastive_loss_with_negatives(z, z, z, z, z[:0], scale)
+    near = contrastive_loss_with_negatives(z, z, z, z, z[:0], scale, all_neg_img=F.normalize(z + 0.05 * torch.randn(4, 8), dim=-1))
+    assert near - plain > 0.1  # a caption must now also rank a near copy of its image below the image itself
+
+    dm = CaptionImageDataModule(train=str(shapes_dir / "train-*.tar"), fields=["image", "caption", "meta"], batch_size=8,
+                                image_size=64, shuffle=False)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    module = ClipPretrainModule("unclip-tiny", hard_negatives=True, image_negatives=0.5)
+    negatives = module.counterfactual_images(batch["image"], batch["meta"])
+    assert negatives.shape == (4, *batch["image"].shape[1:]) and negatives.min() >= -1 and negatives.max() <= 1
+    # each is one of the batch's images with one outline changed: a few of its pixels differ, not none
+    changed = ((negatives[:, None] - batch["image"][None]).abs().amax(2) > 1 / 127.5).float().mean((-2, -1))  # (4, 8)
+    assert torch.all(changed.min(1).values > 0) and torch.all(changed.min(1).values < 0.1)
+    without = ClipPretrainModule("unclip-tiny", hard_negatives=True)
+    without.load_state_dict(module.state_dict())
+    loss = module.training_step(batch, 0)
+    assert loss > without.training_step(batch, 0)  # the same batch, four more images to rank below the true one
+    loss.backward()
+    assert torch.isfinite(loss) and module.model.visual.conv1.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="image_negatives needs every sample's attributes"):
+        ClipPretrainModule("unclip-tiny", image_negatives=0.5).training_step({**batch, "meta": [{}] * len(batch["caption"])}, 0)
+    with pytest.raises(ValueError, match="image_negatives is the share"):
+        ClipPretrainModule("unclip-tiny", image_negatives=2)
+
+
 def test_text_tower_on_captions_cut_by_length_equals_open_clips_encode_text():
     """The training step's text tower runs on captions sorted by length and cut after each group's longest: for a
     causal tower pooled at end-of-text this is the same function, values and gradients alike."""

@@ -79,3 +79,40 @@ def test_cli_rejects_unknown_keys_and_holdout():
     from unclip.data.shapes import validate_holdout
     with pytest.raises(ValueError, match="unknown shape or colour"):
         validate_holdout([["blob", "red"]])
+
+
+def test_an_image_redraws_from_its_stored_geometry_and_a_counterfactual_changes_one_outline():
+    import numpy as np
+
+    from unclip.data.shapes import counterfactual_image
+
+    cfg = ShapesConfig(size=64)
+    for index in range(12):
+        _, image, meta = make_sample(index, "train", cfg, set(DEFAULT_HOLDOUT))
+        meta = json.loads(json.dumps(meta))  # as KEY.json gives it back
+        original = np.asarray(image, dtype=int)
+        same = [counterfactual_image(meta, i, obj["shape"]) for i, obj in enumerate(meta["objects"])]
+        assert all(np.array_equal(np.asarray(s, dtype=int), original) for s in same)  # pixel for pixel
+        other = "hexagon" if meta["objects"][0]["shape"] == "circle" else "circle"
+        changed = np.abs(np.asarray(counterfactual_image(meta, 0, other), dtype=int) - original).max(-1) > 0
+        cx, cy, r, _ = meta["objects"][0]["geometry"]
+        ys, xs = np.nonzero(changed)
+        assert len(xs) > 0  # the outline moved ...
+        # ... and nothing else did: every changed pixel lies within the largest outline (a star's, 1.25 r) plus the
+        # reach of the downsampling filter (Lanczos-3: 3 px)
+        assert np.all(np.hypot(xs + 0.5 - cx * 64, ys + 0.5 - cy * 64) < 1.25 * r * 64 + 3)
+    with pytest.raises(ValueError, match="regenerate the shapes data"):
+        counterfactual_image({**meta, "objects": [{k: v for k, v in o.items() if k != "geometry"} for o in meta["objects"]]}, 0, "star")
+
+
+def test_a_counterfactual_shape_is_the_look_alike_and_never_a_held_out_pair():
+    import random
+
+    from unclip.data.shapes import counterfactual_shape
+
+    rng = random.Random(0)
+    circle = {"objects": [{"shape": "circle", "color": "red"}]}
+    assert {counterfactual_shape(circle, rng) for _ in range(20)} == {(0, "hexagon")}
+    purple_hexagon = {"objects": [{"shape": "hexagon", "color": "purple"}]}  # its twin, a purple circle, is held out
+    drawn = {counterfactual_shape(purple_hexagon, rng)[1] for _ in range(200)}
+    assert "circle" not in drawn and "hexagon" not in drawn and len(drawn) == 4

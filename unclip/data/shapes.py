@@ -149,17 +149,26 @@ def polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tu
     raise ValueError(f"unknown shape {shape!r}; known: {list(SHAPES)}")
 
 
-def draw_object(draw: ImageDraw.ImageDraw, obj: dict, scale: float, rng: random.Random) -> None:
+def object_geometry(obj: dict, rng: random.Random) -> list[float]:
+    """Where and how large an object is drawn: centre x, y and radius as fractions of the image side, and the
+    polygon's turn (0 for a circle, which draws none). Kept in KEY.json, so an image can be redrawn."""
     col, row = POSITIONS[obj["position"]][0]
-    cell = scale / 3
-    cx = (col + 0.5 + rng.uniform(-0.12, 0.12)) * cell
-    cy = (row + 0.5 + rng.uniform(-0.12, 0.12)) * cell
-    r = SIZES[obj["size"]][0] * scale * rng.uniform(0.92, 1.08)
+    cx = (col + 0.5 + rng.uniform(-0.12, 0.12)) / 3
+    cy = (row + 0.5 + rng.uniform(-0.12, 0.12)) / 3
+    r = SIZES[obj["size"]][0] * rng.uniform(0.92, 1.08)
+    return [cx, cy, r, 0.0 if obj["shape"] == "circle" else rng.uniform(-0.15, 0.15)]
+
+
+def draw_object(draw: ImageDraw.ImageDraw, obj: dict, scale: float, rng: random.Random) -> None:
+    """Draws ``obj`` at its stored ``geometry``, drawing and storing one first when it has none."""
+    if "geometry" not in obj:
+        obj["geometry"] = object_geometry(obj, rng)
+    cx, cy, r = (v * scale for v in obj["geometry"][:3])
     fill = tuple(obj["rgb"])
     if obj["shape"] == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     else:
-        draw.polygon(polygon(obj["shape"], cx, cy, r, rng.uniform(-0.15, 0.15)), fill=fill)
+        draw.polygon(polygon(obj["shape"], cx, cy, r, obj["geometry"][3]), fill=fill)
 
 
 def render(objects: list[dict], background: tuple[int, int, int], size: int, supersample: int, rng: random.Random) -> Image.Image:
@@ -169,6 +178,34 @@ def render(objects: list[dict], background: tuple[int, int, int], size: int, sup
     for obj in objects:
         draw_object(draw, obj, big, rng)
     return image.resize((size, size), Image.Resampling.LANCZOS) if supersample > 1 else image
+
+
+def counterfactual_image(meta: dict, index: int, shape: str) -> Image.Image:
+    """The image of ``meta`` (a KEY.json) with object ``index`` drawn as ``shape``, everything else as it was, and
+    through the same encoding as the original: an image hard negative (TripletCLIP, Patel et al. 2024) that differs
+    from the real one only in that object's outline, so no rendering or compression trace tells the two apart."""
+    if any("geometry" not in o for o in meta.get("objects") or [{}]) or "render" not in meta:
+        raise ValueError("a counterfactual image needs each object's \"geometry\" and the \"render\" settings in KEY.json, "
+                         "which python -m unclip.data.shapes writes since 2026-12-07: regenerate the shapes data")
+    objects = [dict(o) for o in meta["objects"]]
+    objects[index]["shape"] = shape
+    settings = meta["render"]
+    image = render(objects, tuple(meta["background"]), settings["size"], settings["supersample"], random.Random(0))
+    if settings["format"] == "png":  # lossless: the decoded shard image is the rendered one
+        return image
+    return Image.open(io.BytesIO(encode_image(image, settings["format"]))).convert("RGB")
+
+
+def counterfactual_shape(meta: dict, rng: random.Random, forbidden=DEFAULT_HOLDOUT) -> tuple[int, str]:
+    """(object index, new shape) for an image hard negative: one object, its look-alike where it has one
+    (``LOOKALIKE_SHAPES``, the pair the image tower most confuses), else any other shape; never a ``forbidden``
+    [shape, colour] pair, so held-out compositions stay unseen."""
+    forbidden = {tuple(p) for p in forbidden}
+    i = rng.randrange(len(meta["objects"]))
+    obj = meta["objects"][i]
+    choices = [s for s in VOCAB.shapes if s != obj["shape"] and (s, obj["color"]) not in forbidden]
+    twin = LOOKALIKE_SHAPES.get(obj["shape"])
+    return i, twin if twin in choices else rng.choice(choices)
 
 
 def word(table: dict, value: str, rng: random.Random, synonyms: bool) -> str:
@@ -250,7 +287,8 @@ def make_sample(index: int, split: str, cfg: ShapesConfig, holdout: set) -> tupl
     template = rng.randrange(len(TEMPLATES) if len(objects) == 1 else len(PAIR_TEMPLATES))
     caption = caption_for(objects, template, rng, cfg.synonyms)
     image = render(objects, background, cfg.size, cfg.supersample, rng)
-    meta = {"objects": objects, "background": list(background), "template": template, "split": split, "caption": caption}
+    meta = {"objects": objects, "background": list(background), "template": template, "split": split, "caption": caption,
+            "render": {"size": cfg.size, "supersample": cfg.supersample, "format": cfg.image_format}}
     return caption, image, meta
 
 

@@ -5,6 +5,9 @@ logit scale. ``hard_negatives=true`` (shapes data: needs each sample's KEY.json 
 image, its caption with one attribute wrong as an extra text the image must rank below its own
 (NegCLIP, Yuksekgonul et al. 2023): a batch of random captions rarely differs from the true one in a
 single word, so without them CLIP learns what a caption is about, not which shape or which colour where.
+``image_negatives=P`` (shapes data) gives a share P of the images an image hard negative too: the same picture
+with one object redrawn as another shape, which its caption must rank below the real one (TripletCLIP, Patel et
+al. 2024), so the image tower is told exactly which outline the caption names.
 Validation reports caption->image retrieval top-1/top-5 over up to ``retrieval_pool`` val
 pairs and zero-shot shape / colour accuracy from prompts built from the shapes vocabulary.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import random
 from contextlib import nullcontext
 
+import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
@@ -21,7 +25,7 @@ from open_clip.loss import gather_features
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from unclip.clip import save_published
-from unclip.data.shapes import DEFAULT_HOLDOUT, VOCAB, hard_negative_caption
+from unclip.data.shapes import DEFAULT_HOLDOUT, VOCAB, counterfactual_image, counterfactual_shape, hard_negative_caption
 from unclip.modules.base import UnclipModule
 from unclip.nets.layers import attention
 
@@ -124,13 +128,14 @@ def encode_text_by_length(model, tokens: torch.Tensor, groups: int = 2) -> torch
 
 def contrastive_loss_with_negatives(z_img: torch.Tensor, z_txt: torch.Tensor, all_img: torch.Tensor,
                                     all_txt: torch.Tensor, all_neg: torch.Tensor, logit_scale: torch.Tensor,
-                                    offset: int = 0) -> torch.Tensor:
+                                    offset: int = 0, all_neg_img: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE in which image i must also rank every extra caption ``all_neg`` (hard negatives,
-    nobody's positive) below its own: image -> text over [captions, negatives], text -> image as usual.
+    nobody's positive) below its own, and caption i every extra image ``all_neg_img`` (image hard negatives):
+    image -> text over [captions, negatives], text -> image over [images, image negatives].
     ``z_img``, ``z_txt``: this rank's rows, at ``offset`` in the gathered ``all_*`` (all of them on one device)."""
     labels = torch.arange(len(z_img), device=z_img.device) + offset
     image_to_text = logit_scale * z_img @ torch.cat([all_txt, all_neg]).T
-    text_to_image = logit_scale * z_txt @ all_img.T
+    text_to_image = logit_scale * z_txt @ (all_img if all_neg_img is None else torch.cat([all_img, all_neg_img])).T
     return (F.cross_entropy(image_to_text, labels) + F.cross_entropy(text_to_image, labels)) / 2
 
 
@@ -142,14 +147,20 @@ class ClipPretrainModule(UnclipModule):
 
     def __init__(self, model_name: str = "unclip-tiny", optim: dict | None = None, seed: int = 0,
                  retrieval_pool: int = 1000, clip_name: str | None = None, hard_negatives: bool = False,
-                 holdout: list | None = None, lookalike_negatives: float = 0.0):
+                 holdout: list | None = None, lookalike_negatives: float = 0.0, image_negatives: float = 0.0):
         super().__init__(optim=optim, seed=seed)
         self.save_hyperparameters({"kind": self.kind, "model_name": model_name, "retrieval_pool": retrieval_pool,
-                                   "hard_negatives": hard_negatives, "lookalike_negatives": lookalike_negatives})
+                                   "hard_negatives": hard_negatives, "lookalike_negatives": lookalike_negatives,
+                                   "image_negatives": image_negatives})
+        if not 0 <= image_negatives <= 1:
+            raise ValueError(f"model.module.image_negatives is the share of a batch's images that get an image hard "
+                             f"negative, in [0, 1]; got {image_negatives}")
         self.model_name, self.retrieval_pool = model_name, retrieval_pool
         self.hard_negatives, self.lookalike_negatives = hard_negatives, lookalike_negatives
         self.holdout = [tuple(p) for p in (DEFAULT_HOLDOUT if holdout is None else holdout)]  # never a negative's pair
         self.negative_rng = random.Random(seed)
+        self.image_negatives = image_negatives
+        self.image_negative_rng = random.Random(seed + 1)  # its own stream: the caption negatives stay as they were
         self.model = open_clip.create_model(model_name)
         self.tokenizer = open_clip.get_tokenizer(model_name)
         cfg = self.model.visual.preprocess_cfg
@@ -202,21 +213,40 @@ class ClipPretrainModule(UnclipModule):
                              "without them: train with hard_negatives=false on other data")
         return captions
 
+    def counterfactual_images(self, images: torch.Tensor, metas: list[dict]) -> torch.Tensor:
+        """Image hard negatives (B', 3, H, W) in [-1, 1] for a share ``image_negatives`` of the batch: each its
+        image with one object's shape changed (:func:`counterfactual_shape`), drawn from the stored geometry."""
+        picks = self.image_negative_rng.sample(range(len(metas)), round(self.image_negatives * len(metas)))
+        if any(not metas[i].get("objects") for i in picks):
+            raise ValueError("model.module.image_negatives needs every sample's attributes (KEY.json \"objects\", as "
+                             "python -m unclip.data.shapes writes them): train with image_negatives=0 on other data")
+        drawn = [np.asarray(counterfactual_image(metas[i], *counterfactual_shape(metas[i], self.image_negative_rng, self.holdout)))
+                 for i in picks]
+        if not drawn:
+            return images[:0]
+        return torch.from_numpy(np.stack(drawn)).to(images.device).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
     def hard_negative_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         captions = list(batch["caption"])
-        z_img, z_all_txt, logit_scale = self.encode(batch["image"], captions + self.negative_captions(batch["meta"]))
+        negatives = self.negative_captions(batch["meta"]) if self.hard_negatives else []
+        images = batch["image"]
+        if self.image_negatives:
+            images = torch.cat([images, self.counterfactual_images(images, batch["meta"])])
+        z_all_img, z_all_txt, logit_scale = self.encode(images, captions + negatives)
+        z_img, z_neg_img = z_all_img[:len(captions)], z_all_img[len(captions):]
         z_txt, z_neg = z_all_txt[:len(captions)], z_all_txt[len(captions):]
         rank, world = (self.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
         if world > 1:
-            all_img, all_txt = gather_features(z_img, z_txt, local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
-            all_neg, _ = gather_features(z_neg, z_neg, local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
+            gather = lambda z: gather_features(z, z, local_loss=True, gather_with_grad=True, rank=rank, world_size=world)[0]  # noqa: E731
+            all_img, all_txt, all_neg, all_neg_img = gather(z_img), gather(z_txt), gather(z_neg), gather(z_neg_img)
         else:
-            all_img, all_txt, all_neg = z_img, z_txt, z_neg
-        loss = contrastive_loss_with_negatives(z_img, z_txt, all_img, all_txt, all_neg, logit_scale, rank * len(z_img))
+            all_img, all_txt, all_neg, all_neg_img = z_img, z_txt, z_neg, z_neg_img
+        loss = contrastive_loss_with_negatives(z_img, z_txt, all_img, all_txt, all_neg, logit_scale, rank * len(z_img),
+                                               all_neg_img)
         return loss, logit_scale
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        if self.hard_negatives:
+        if self.hard_negatives or self.image_negatives:
             loss, logit_scale = self.hard_negative_loss(batch)
         else:
             z_img, z_txt, logit_scale = self.encode(batch["image"], batch["caption"])
