@@ -14,11 +14,12 @@ export HYDRA_FULL_ERROR ?= 0
 .PHONY: setup demo demo-fast test bench clean
 
 # $(call install,PYTHON,ARGS): install ARGS into PYTHON's venv with uv (pinned in constraints.txt), which unpacks
-# the ~6 GB of wheels in parallel: a fresh .venv on 2 cores in 37 s with an empty uv cache and 15 s with a warm
-# one, against 119-149 s with pip (2026-12-07). Hard links share the files with uv's cache instead of copying
-# them. pip does the install where uv cannot be fetched or fails.
+# the ~6 GB of wheels in parallel and hard-links them from its cache instead of copying them (README, "Two
+# commands"). It compiles the bytecode as pip does: uv's default leaves that to the first import, and where
+# PYTHONDONTWRITEBYTECODE is set no import ever writes it, so every process (each test's `python train.py`)
+# would compile torch and lightning anew, ~15 s each. pip does the install where uv cannot be fetched or fails.
 install = ($(1) -m pip install --quiet -c constraints.txt uv \
-	  && $(1) -m uv pip install --quiet --link-mode=hardlink --python $(1) $(2)) \
+	  && $(1) -m uv pip install --quiet --link-mode=hardlink --compile-bytecode --python $(1) $(2)) \
 	|| ($(1) -m pip install --quiet --upgrade pip && $(1) -m pip install --quiet $(2))
 
 setup: $(STAMP)
