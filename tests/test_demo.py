@@ -316,6 +316,22 @@ def test_the_grids_find_the_demos_stages_beside_a_decoder_published_for_an_a_b(t
         assert resolve(demo_stage(kind), artifacts) == done[kind]
 
 
+def test_regridding_passes_the_decoder_and_upsampler_of_an_a_b_and_names_its_folder_after_them(monkeypatch, tmp_path):
+    import unclip.demo as demo
+
+    monkeypatch.setitem(demo.PROFILES, "full", {**PROFILES["full"], "root": str(tmp_path)})
+    for stage in stages(demo.PROFILES["full"]):
+        stage.done.parent.mkdir(parents=True, exist_ok=True)
+        stage.done.touch()
+    calls = []
+    monkeypatch.setattr(demo, "sample_grids", lambda *args, **kw: calls.append((args, kw)) or args[5].mkdir(parents=True) or {})
+    demo.regrid(["samples=2", "priors=diffusion_prior", "upsampler=upsampler/zi"])
+    demo.regrid(["samples=2", "priors=diffusion_prior", "decoder=decoder/noise"])
+    (first, _), (second, _) = calls
+    assert first[6:8] == ("decoder/shapes", "upsampler/zi") and first[5].name.endswith("_upsampler-zi")
+    assert second[6:8] == ("decoder/noise", "upsampler/shapes") and second[5].name.endswith("_decoder-noise")
+
+
 def test_grid_settings_become_generate_options_and_none_turns_each_off():
     """The profile's grid defaults compose, place and complete; ``grids compose=none complete=none`` samples prompts as
     written: no splitter, no layout (which needs one) and no completer reach the pipeline."""

@@ -134,6 +134,23 @@ def test_bf16_sampling_runs_the_nets_in_bf16_and_stays_close_to_fp32(pipe, monke
         UnCLIPPipeline(pipe.clip, pipe.decoder, pipe.prior, precision="bf16")
 
 
+def test_an_upsampler_that_reads_z_i_gets_the_embeddings_the_images_were_decoded_from(pipe, clip, monkeypatch):
+    from test_upsampler import tiny_upsampler
+
+    upsampler = tiny_upsampler(image_size=32, lowres_size=16, image_cond=True, embed_dim=clip.embed_dim).eval()
+    seen = []
+    real_upsample = upsampler.upsample
+    monkeypatch.setattr(upsampler, "upsample", lambda x, **kw: seen.append(kw.get("z_img")) or real_upsample(x, **kw))
+    with_upsampler = UnCLIPPipeline(pipe.clip, pipe.decoder, pipe.prior, upsamplers=[upsampler])
+    out = with_upsampler.generate(["a red circle", "a blue star"], n=1, seed=3)
+    assert out.pixels.shape == (2, 3, 32, 32) and len(seen) == 1
+    torch.testing.assert_close(seen[0].float().cpu(), out.z_img)
+    # a conjunction's image: the mean of its parts' embeddings, unit norm
+    parts, weights = torch.nn.functional.normalize(torch.randn(2, 1, clip.embed_dim), dim=-1), torch.full((2, 1), 0.5)
+    with_upsampler.decode(parts, torch.Generator().manual_seed(0), captions=[["a red circle"], ["a blue star"]], weights=weights)
+    torch.testing.assert_close(seen[1].float().cpu(), torch.nn.functional.normalize(parts.mean(0), dim=-1))
+
+
 def test_slerp_is_spherical_and_hits_its_ends():
     a, b = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1), torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
     mid = slerp(a, b, 0.5)

@@ -16,9 +16,9 @@ SAMPLER = dict(kind="ddim", steps=4, clip_denoised=True)
 BLUR = {"_target_": "unclip.degradations.GaussianBlur", "sigma": [0.8, 1.0], "prob": 1.0}
 
 
-def tiny_upsampler(image_size=32, lowres_size=16, crop_size=16, noise_aug=None, diffusion=DIFFUSION, **kw):
+def tiny_upsampler(image_size=32, lowres_size=16, crop_size=16, noise_aug=None, diffusion=DIFFUSION, embed_dim=None, **kw):
     net = dict(image_size=image_size, channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[],
-               middle_attention=False, groups=8)
+               middle_attention=False, groups=8, **({"embed_dim": embed_dim} if embed_dim else {}))
     return UpsamplerModule(net, diffusion, SAMPLER, lowres_size=lowres_size, crop_size=crop_size, noise_aug=noise_aug, **kw)
 
 
@@ -157,6 +157,38 @@ def test_the_condition_and_the_augmentation_level_change_the_output():
         module.net(x, t, lowres=cond)
     with pytest.raises(ValueError, match="upsampler"):
         module.net(x, t, aug_level=t)
+
+
+def test_an_image_conditioned_upsampler_reads_z_i_through_the_timestep_embedding_only():
+    module = tiny_upsampler(image_cond=True, embed_dim=8)
+    randomise_zero_layers(module.net).eval()
+    assert module.net.config.embed_dim == 8 and module.net.image_embed_to_tokens is None  # no attention: no tokens
+    lowres, z = shapes_batch(2, 16), torch.randn(2, 8)
+    sample = lambda **kw: module.upsample(lowres, generator=torch.Generator().manual_seed(0), **kw)  # noqa: E731
+    base = sample(z_img=z)
+    torch.testing.assert_close(base, sample(z_img=z * 3), atol=1e-3, rtol=0)  # the embedding's direction, not its norm
+    assert not torch.allclose(base, sample(z_img=torch.randn(2, 8)), atol=1e-3)
+    # without z_i it upsamples from the null embedding it learned with z_i dropped
+    with torch.no_grad():
+        module.net.null_image_embed.copy_(z[1] / z[1].norm() * 8 ** 0.5)  # the null embedding set to z[1], as the net reads it
+    torch.testing.assert_close(sample()[1], sample(z_img=z)[1], atol=1e-3, rtol=0)
+    assert not torch.allclose(sample()[0], base[0], atol=1e-3)
+    # training reads the batch's z_i: its projection gets a gradient
+    module.train()
+    loss = module.loss({"image": shapes_batch(4), "img_emb": torch.randn(4, 8), "key": list("abcd")})
+    loss.backward()
+    assert module.net.image_embed_to_time.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="embed_dim"):
+        tiny_upsampler(image_cond=True)
+
+
+def test_the_image_conditioned_upsampler_config_reads_the_cache_and_stays_convolutional():
+    from test_config import compose_train
+
+    cfg = compose_train("model=upsampler_32_64_zi")
+    module = cfg.model.module
+    assert module.image_cond and module.net.embed_dim == cfg.clip.embed_dim and list(cfg.model.fields) == ["image", "img_emb"]
+    assert not module.net.attention_resolutions and not module.net.middle_attention and cfg.model.image_size == 64
 
 
 @pytest.mark.parametrize("kind", ["dpmpp_2m", "unipc"])

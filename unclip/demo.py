@@ -293,16 +293,17 @@ GRID_SETTINGS = {"prior_guidance": float, "decoder_guidance": float, "prior_step
 def regrid(argv: list[str]) -> dict:
     """``python -m unclip.demo grids [profile=full] [samples=16] [prior_guidance=3] [decoder_guidance=5]
     [prior_steps=N] [decoder_steps=N] [upsampler_steps=N] [compose=object_phrases|none] [layout=true] [rerank=N] [complete=shapes|none] [priors=diffusion_prior,ar_prior]
-    [decoder=decoder/NAME] [precision=auto]``:
+    [decoder=decoder/NAME] [upsampler=upsampler/NAME] [precision=auto]``:
     the grids again from a finished demo's stages with other sampling settings and more samples per prompt
     (the A/Bs in the README), written with ``results.json`` (per row too) to ``DEMO/grids/<settings>/``."""
     from unclip.completion import COMPLETERS
     from unclip.composition import SPLITTERS
 
     named = {"compose": SPLITTERS, "complete": COMPLETERS}  # settings that name a function, or none to turn it off
-    name, samples, precision, settings, priors, decoder = "full", 16, "auto", {}, None, demo_stage("decoder")
+    name, samples, precision, settings, priors = "full", 16, "auto", {}, None
+    decoder, upsampler = demo_stage("decoder"), demo_stage("upsampler")
     usage = (f"usage: python -m unclip.demo grids [profile={'|'.join(PROFILES)}] [samples=N] [priors=KIND,...] "
-             f"[decoder=decoder/NAME] [precision={'|'.join(PRECISIONS)}] [{'] ['.join(f'{k}=...' for k in GRID_SETTINGS)}]")
+             f"[decoder=decoder/NAME] [upsampler=upsampler/NAME] [precision={'|'.join(PRECISIONS)}] [{'] ['.join(f'{k}=...' for k in GRID_SETTINGS)}]")
     for arg in argv:
         key, _, value = arg.partition("=")
         try:
@@ -316,6 +317,8 @@ def regrid(argv: list[str]) -> dict:
                 priors = value.split(",")
             elif key == "decoder" and value:
                 decoder = value
+            elif key == "upsampler" and value:
+                upsampler = value
             elif key in named and value == "none":
                 settings[key] = None
                 if key == "compose":  # no parts, nothing to place
@@ -336,11 +339,11 @@ def regrid(argv: list[str]) -> dict:
 
     torch.set_num_threads(os.cpu_count() or 1)
     settings = {**profile["grids"], **settings}
-    parts = [f"{k}{v:g}" if isinstance(v, (int, float)) else f"{k}-{v}" for k, v in sorted(settings.items())] + ([decoder.replace("/", "-")] if decoder != demo_stage("decoder") else [])
+    parts = [f"{k}{v:g}" if isinstance(v, (int, float)) else f"{k}-{v}" for k, v in sorted(settings.items())] + [s.replace("/", "-") for s in (decoder, upsampler) if s not in (demo_stage("decoder"), demo_stage("upsampler"))]
     tag = "_".join(parts) or "defaults"
     out = root / "demo" / "grids" / f"n{samples}_{tag}"
     precision = auto_precision() if precision == "auto" else precision
-    results = sample_grids(root, {}, priors or trained_priors(plan), precision, samples, out, decoder, **settings)
+    results = sample_grids(root, {}, priors or trained_priors(plan), precision, samples, out, decoder, upsampler, **settings)
     (out / "results.json").write_text(json.dumps({"profile": name, "samples": samples, "settings": settings, **results},
                                                  indent=1))
     for prior, scores in results.items():

@@ -101,7 +101,8 @@ def generate_options(settings: dict) -> dict:
 
 
 def sample_grids(root: Path, timings: dict, priors: list[str], precision: str = "32-true", samples: int = SAMPLES_PER_PROMPT,
-                 out: Path | None = None, decoder: str = demo_stage("decoder"), **settings) -> dict:
+                 out: Path | None = None, decoder: str = demo_stage("decoder"), upsampler: str = demo_stage("upsampler"),
+                 **settings) -> dict:
     """For each prior: prompts × samples through the pipeline, a PNG grid with each row marked by its group
     (in ``out``, default ROOT/demo), the attribute accuracy per group and each row's share of right samples."""
     import torch
@@ -113,7 +114,9 @@ def sample_grids(root: Path, timings: dict, priors: list[str], precision: str = 
     artifacts, demo = root / "artifacts", out or root / "demo"
     demo.mkdir(parents=True, exist_ok=True)
     classifier = load_classifier(artifacts / "attributes" / f"{PUBLISHED}.pt")
-    upsamplers = [demo_stage("upsampler")] if (artifacts / "upsampler" / f"{PUBLISHED}.ckpt").exists() else []
+    # the demo's own upsampler where the demo trained one; one named for an A/B must exist
+    own = upsampler == demo_stage("upsampler")
+    upsamplers = [upsampler] if not own or (artifacts / "upsampler" / f"{PUBLISHED}.ckpt").exists() else []
     rows = grid_rows()
     prompts = [prompt for _, prompt, _ in rows]
     marks = [f"{group}: {prompt}" for group, prompt, _ in rows]

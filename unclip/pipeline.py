@@ -105,6 +105,14 @@ def best_of_candidates(pipe: "UnCLIPPipeline", drawn: UnCLIPOutput, k: int) -> U
                         drawn.z_txt[keep.to(drawn.z_txt.device)])
 
 
+def embedding_of(upsampler, z_img: torch.Tensor, weights: torch.Tensor | None) -> dict:
+    """What an upsampler that reads z_i (``image_cond``) is given: the embeddings the images were decoded from; a
+    conjunction's image (z_img (K, B, D)) the mean of its parts' (CLIP embeddings of scenes add roughly)."""
+    if not getattr(upsampler, "image_cond", False):
+        return {}
+    return {"z_img": F.normalize(z_img.float().mean(0), dim=-1) if weights is not None else z_img}
+
+
 class UnCLIPPipeline:
     """The frozen CLIP and the trained stages, on one device, in eval mode. ``precision``: what the prior,
     decoder and upsamplers sample in, ``32-true``, ``bf16-mixed`` (autocast: bf16 matmuls and convolutions,
@@ -250,7 +258,7 @@ class UnCLIPPipeline:
             x = self.decoder.sample(z_img.to(self.device), captions, generator, guidance_scale, steps, x_T, eta,
                                     weights=weights)
             for upsampler in self.upsamplers:
-                x = upsampler.upsample(x, steps=upsampler_steps, generator=generator)
+                x = upsampler.upsample(x, steps=upsampler_steps, generator=generator, **embedding_of(upsampler, z_img, weights))
         return x.float()
 
     # ---------------------------------------------------------------------------------- modes

@@ -42,7 +42,7 @@ from unclip.eval.protocol import val_pool
 from unclip.eval.settings import settings_of
 from unclip.eval.tables import json_safe, markdown
 from unclip.loading import load
-from unclip.pipeline import UnCLIPPipeline
+from unclip.pipeline import UnCLIPPipeline, embedding_of
 
 log = logging.getLogger(__name__)
 
@@ -182,14 +182,15 @@ def mean(values: list) -> float:
 
 # ----------------------------------------------------------------------------------- generation
 @torch.no_grad()
-def upsample(pipe: UnCLIPPipeline, pixels: torch.Tensor, seed: int, batch_size: int) -> torch.Tensor:
-    """The pixels through every upsampler in turn (seeded by (seed, "upsampler", b))."""
+def upsample(pipe: UnCLIPPipeline, pixels: torch.Tensor, seed: int, batch_size: int, z_img: torch.Tensor) -> torch.Tensor:
+    """The pixels through every upsampler in turn (seeded by (seed, "upsampler", b)); ``z_img``, the embeddings
+    they show, for upsamplers that read them."""
     out = []
     for index, rows in batches(len(pixels), batch_size):
         generator = seeded(seed, "upsampler", index, device=pipe.device)
         x = pixels[rows].to(pipe.device)
         for upsampler in pipe.upsamplers:
-            x = upsampler.upsample(x, generator=generator)
+            x = upsampler.upsample(x, generator=generator, **embedding_of(upsampler, z_img[rows], None))
         out.append(x.float().cpu())
     return torch.cat(out)
 
@@ -222,12 +223,12 @@ def run_breakdown(cfg: DictConfig, clip) -> list[dict]:
         log.info("breakdown: %s, %d pairs", split, len(pool))
         rows += score_rows("real", split, predict(classifier, pool.images), pool)
         if upsamplers:  # the upsamplers given what the decoder should have drawn
-            rows += score_rows("upsampled_real", split, predict(classifier, upsample(pipe, pool.images, seed, batch_size)), pool)
+            rows += score_rows("upsampled_real", split, predict(classifier, upsample(pipe, pool.images, seed, batch_size, pool.z_img)), pool)
         rows += zero_shot_rows(clip, split, pool)
         decoded, _ = decode_embeddings(plain, pool.z_img, pool.captions, seed, decoder_settings, batch_size)
         rows += score_rows("decoder_true_zi", split, predict(classifier, decoded), pool)
         if upsamplers:
-            rows += score_rows("upsampled", split, predict(classifier, upsample(pipe, decoded, seed, batch_size)), pool)
+            rows += score_rows("upsampled", split, predict(classifier, upsample(pipe, decoded, seed, batch_size, pool.z_img)), pool)
         for name, prior in zip(stage_labels(cfg.priors, priors), priors):
             prior_pipe = with_prior(pipe, prior)
             z_img, _ = sample_embeddings(prior_pipe, pool.captions, seed, prior_settings, batch_size)

@@ -25,6 +25,11 @@ from unclip.nets.unet import UNet
 log = logging.getLogger(__name__)
 
 
+def scaled_embedding(z_img: torch.Tensor) -> torch.Tensor:
+    """z_i as a net reads it: the unit-norm CLIP embedding scaled by sqrt(D), so its entries are ~unit variance."""
+    return F.normalize(z_img.float(), dim=-1) * math.sqrt(z_img.shape[-1])
+
+
 class DecoderModule(UnclipModule):
     kind = "decoder"
 
@@ -83,8 +88,7 @@ class DecoderModule(UnclipModule):
 
     # ------------------------------------------------------------------------------- conditioning
     def image_condition(self, z_img: torch.Tensor) -> torch.Tensor:
-        """Unit-norm CLIP embedding scaled by sqrt(D), so its entries are ~unit variance for the net."""
-        return F.normalize(z_img.float(), dim=-1) * math.sqrt(z_img.shape[-1])
+        return scaled_embedding(z_img)
 
     def noised_embedding(self, z_img: torch.Tensor) -> torch.Tensor:
         """Training only: the unit z_i moved off the data by Gaussian noise of a level drawn per sample, uniform in

@@ -15,6 +15,12 @@ the same weights: the net has no attention (convolutions only). A crop is cut fr
 the same place, from the upsampled condition of the *whole* image, offsets on the low-res pixel grid, so a
 crop sees exactly what the net sees of a full image at sampling.
 
+``image_cond`` also conditions on the CLIP image embedding z_i, added to the timestep embedding as in the
+decoder (unCLIP §2.1; convolutions only, so no context tokens), dropped ``image_drop_prob`` of the time so
+that it also upsamples without one. unCLIP's upsamplers see only pixels; at a small base resolution that is not
+enough: a 32 px circle and hexagon differ by under a pixel (radius x (1 - cos 30°)), which a decoded image does
+not keep, so an upsampler that sees pixels only draws either (README, "Upsamplers").
+
 Validation upsamples clean downsampled val images and logs PSNR and SSIM against the true high-res image
 next to the same scores of plain bicubic upsampling (``val/upsampler/{psnr,ssim}[_bicubic][_unseen]``), plus
 a grid: bicubic / sample / truth.
@@ -29,6 +35,7 @@ from unclip.seeding import hash_seed
 from unclip.degradations import resize
 from unclip.diffusion import GaussianDiffusion, Sampler
 from unclip.modules.base import UnclipModule
+from unclip.modules.decoder import scaled_embedding
 from unclip.nets.unet import UNet
 
 
@@ -52,9 +59,10 @@ class UpsamplerModule(UnclipModule):
     def __init__(self, net: dict, diffusion: dict, sampler: dict, lowres_size: int, crop_size: int | None = None,
                  downsample: str = "bicubic", upsample: str = "bicubic", degradation: dict | None = None,
                  noise_aug: dict | None = None, residual: bool = False, val_images: int = 100, grid_images: int = 8, clip=None,
-                 optim: dict | None = None, seed: int = 0):
+                 optim: dict | None = None, seed: int = 0, image_cond: bool = False, image_drop_prob: float = 0.1):
         super().__init__(optim=optim, seed=seed)
         net = dict(net)
+        self.image_cond, self.image_drop_prob = image_cond, image_drop_prob
         image_size = int(net["image_size"])
         if image_size % lowres_size:
             raise ValueError(f"the target size {image_size} (net.image_size) is not a multiple of lowres_size {lowres_size}")
@@ -76,18 +84,35 @@ class UpsamplerModule(UnclipModule):
                                    "sampler": dict(sampler), "image_size": image_size, "lowres_size": lowres_size,
                                    "crop_size": self.crop_size, "downsample": downsample, "upsample": upsample,
                                    "degradation": dict(degradation) if degradation else None, "noise_aug": self.noise_aug,
-                                   "residual": residual})
+                                   "residual": residual, "image_cond": image_cond, "image_drop_prob": image_drop_prob})
         self.val_store: dict[str, dict[str, list]] = {}
 
     def build_net(self, net: dict, diffusion: dict):
-        """The denoiser, called ``net(x_t, t, lowres=..., aug_level=...)``: unclip's UNet with the low-res image
-        as extra input channels (a subclass may bring another net)."""
-        net.update(embed_dim=0, text_width=0, lowres_channels=net.get("in_channels", 3),
+        """The denoiser, called ``net(x_t, t, z_img, lowres=..., aug_level=...)``: unclip's UNet with the low-res image
+        as extra input channels and, with ``image_cond``, z_i added to t's embedding (a subclass may bring another net)."""
+        if self.image_cond and not net.get("embed_dim"):
+            raise ValueError("image_cond needs net.embed_dim, the CLIP embedding's dimension")
+        net.update(embed_dim=int(net["embed_dim"]) if self.image_cond else 0, context_tokens=0, text_width=0,
+                   lowres_channels=net.get("in_channels", 3),
                    learn_sigma=diffusion.get("variance") == "learned_range", aug_level_embed=self.noise_aug is not None)
         return UNet(net)
 
     def trainable_parameters(self):
         return self.net.parameters()
+
+    def setup(self, stage: str) -> None:
+        if self.image_cond:  # the checkpoint names the CLIP whose z_i it reads
+            self.cache_meta()
+
+    def image_condition(self, z_img: torch.Tensor | None, b: int, drop_prob: float = 0.0) -> dict:
+        """The net's z_i arguments for a batch of ``b`` (none without ``image_cond``): z_i as the net reads it and
+        which rows drop it, ``drop_prob`` of them; without ``z_img`` every row takes the learned null embedding."""
+        if not self.image_cond:
+            return {}
+        if z_img is None:
+            return {"z_img": torch.zeros(b, self.net.config.embed_dim, device=self.device),
+                    "drop_image": torch.ones(b, dtype=torch.bool, device=self.device)}
+        return {"z_img": scaled_embedding(z_img.to(self.device)), "drop_image": torch.rand(b, device=self.device) < drop_prob}
 
     # ------------------------------------------------------------------------------- conditioning
     def lowres_of(self, images: torch.Tensor) -> torch.Tensor:
@@ -135,7 +160,8 @@ class UpsamplerModule(UnclipModule):
         t = torch.randint(0, self.diffusion.num_timesteps, (len(x0),), device=x0.device)
         noise = torch.randn_like(x0)
         x_t = self.diffusion.q_sample(x0, t, noise)
-        output = self.net(x_t, t, lowres=pair["cond"], aug_level=pair["aug_level"])
+        z = self.image_condition(batch.get("img_emb"), len(x0), self.image_drop_prob if self.training else 0.0)
+        output = self.net(x_t, t, lowres=pair["cond"], aug_level=pair["aug_level"], **z)
         return self.diffusion.training_loss(output, x0, x_t, t, noise).mean()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -146,10 +172,12 @@ class UpsamplerModule(UnclipModule):
     # ---------------------------------------------------------------------------------- sampling
     @torch.no_grad()
     def upsample(self, lowres: torch.Tensor, steps: int | str | None = None, generator: torch.Generator | None = None,
-                 aug_level: int | None = None, x_T: torch.Tensor | None = None, eta: float | None = None) -> torch.Tensor:
+                 aug_level: int | None = None, x_T: torch.Tensor | None = None, eta: float | None = None,
+                 z_img: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 3, h, w) in [-1, 1] -> (B, 3, f h, f w) in [-1, 1], f = image_size / lowres_size. Any h, w whose
         upsampled size the UNet's levels divide works (the net is convolutional); ``lowres_size`` is the size
-        it was trained for. ``aug_level`` overrides ``noise_aug.sample_step``; ``steps`` the sampler's steps."""
+        it was trained for. ``aug_level`` overrides ``noise_aug.sample_step``; ``steps`` the sampler's steps;
+        ``z_img`` (B, D) the CLIP image embeddings the images were decoded from (``image_cond`` upsamplers)."""
         if lowres.dim() != 4 or lowres.shape[1] != self.net.config.in_channels:
             raise ValueError(f"lowres must be (B, {self.net.config.in_channels}, h, w), got {tuple(lowres.shape)}")
         divisor = 2 ** (len(self.net.config.channel_mult) - 1)
@@ -167,7 +195,8 @@ class UpsamplerModule(UnclipModule):
         elif aug_level:
             raise ValueError("this upsampler was trained without noise augmentation (noise_aug: null); aug_level must be None")
         cond = self.condition(lowres, level, generator)
-        model_fn = lambda x, t: self.net(x, t, lowres=cond, aug_level=level)  # noqa: E731
+        z = self.image_condition(z_img, b)
+        model_fn = lambda x, t: self.net(x, t, lowres=cond, aug_level=level, **z)  # noqa: E731
         sample = self.sampler(model_fn, self.diffusion, x_T, generator, steps, eta)
         return (sample + self.base(lowres) if self.residual else sample).clamp(-1, 1)
 
@@ -181,9 +210,12 @@ class UpsamplerModule(UnclipModule):
         truth = batch["image"][:keep].float()
         lowres = self.lowres_of(truth)
         generator = torch.Generator(device=self.device).manual_seed(hash_seed(self.seed, "val-sample", dataloader_idx, batch_idx))
-        store["sample"].append(self.upsample(lowres, generator=generator))
+        store["sample"].append(self.upsample(lowres, generator=generator, z_img=self.batch_embeddings(batch, keep)))
         store["bicubic"].append(resize(lowres, truth.shape[-2:], "bicubic"))
         store["truth"].append(truth)
+
+    def batch_embeddings(self, batch: dict, keep: int) -> torch.Tensor | None:
+        return batch["img_emb"][:keep] if self.image_cond and "img_emb" in batch else None
 
     def on_validation_epoch_end(self) -> None:
         from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure

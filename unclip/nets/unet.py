@@ -34,7 +34,8 @@ class UNetConfig:
     head_channels: int = 32
     dropout: float = 0.0
     embed_dim: int = 512                      # z_i dimension; 0 = unconditional (e.g. an upsampler without z_i)
-    context_tokens: int = 4                   # unCLIP: z_i becomes 4 extra context tokens
+    context_tokens: int = 4                   # unCLIP: z_i becomes 4 extra context tokens (0: z_i only added to t's
+                                              # embedding, for nets without attention)
     text_width: int = 0                       # caption token states (0 = no text tokens)
     caption_vocab: int = 0                    # > 0: a learned embedding of each caption token id, added to its state
     learn_sigma: bool = False                 # twice the output channels (IDDPM learned range)
@@ -163,14 +164,17 @@ class UNet(nn.Module):
         super().__init__()
         self.config = c = net_config(UNetConfig, config)
         ch, emb_dim = c.channels, 4 * c.channels
-        context_dim = ch * max(c.channel_mult) if (c.embed_dim or c.text_width) else 0
+        if c.embed_dim and c.text_width and not c.context_tokens:
+            raise ValueError("caption tokens join z_i's context tokens: context_tokens must be > 0 with text_width")
+        context_dim = ch * max(c.channel_mult) if ((c.embed_dim and c.context_tokens) or c.text_width) else 0
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         # the augmentation level is a training step of the same diffusion: embedded like t, by its own MLP
         self.aug_mlp = (nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
                         if c.aug_level_embed else None)
         if c.embed_dim:
             self.image_embed_to_time = nn.Linear(c.embed_dim, emb_dim)                      # unCLIP §2.1: added to t
-            self.image_embed_to_tokens = nn.Linear(c.embed_dim, c.context_tokens * context_dim)  # 4 extra tokens
+            self.image_embed_to_tokens = (nn.Linear(c.embed_dim, c.context_tokens * context_dim)  # 4 extra tokens
+                                          if c.context_tokens else None)
             self.null_image_embed = nn.Parameter(torch.zeros(c.embed_dim))                 # CFG: z_i dropped
         self.text_proj = nn.Linear(c.text_width, context_dim) if c.text_width else None
         # A frozen CLIP's text tower can merge words its image tower does not tell apart (on shapes, "circle" and
@@ -245,6 +249,8 @@ class UNet(nn.Module):
         if drop_image is not None:
             z_img = torch.where(drop_image[:, None], self.null_image_embed.to(z_img.dtype), z_img)
         emb = emb + self.image_embed_to_time(z_img)
+        if self.image_embed_to_tokens is None:
+            return emb, None, None
         context = self.image_embed_to_tokens(z_img).view(b, self.config.context_tokens, -1)
         valid = torch.ones(b, self.config.context_tokens, dtype=torch.bool, device=t.device)
         if self.text_proj is not None and tokens is not None:
