@@ -17,9 +17,9 @@ crop sees exactly what the net sees of a full image at sampling.
 
 ``image_cond`` also conditions on the CLIP image embedding z_i, added to the timestep embedding as in the
 decoder (unCLIP §2.1; convolutions only, so no context tokens), dropped ``image_drop_prob`` of the time so
-that it also upsamples without one. unCLIP's upsamplers see only pixels; at a small base resolution that is not
-enough: a 32 px circle and hexagon differ by under a pixel (radius x (1 - cos 30°)), which a decoded image does
-not keep, so an upsampler that sees pixels only draws either (README, "Upsamplers").
+that it also upsamples without one. unCLIP's upsamplers see only pixels; DALLE2-pytorch's also read z_i. On
+shapes it changes nothing measurable: the upsampler follows the outline its low-res input shows (README,
+"Upsamplers").
 
 Validation upsamples clean downsampled val images and logs PSNR and SSIM against the true high-res image
 next to the same scores of plain bicubic upsampling (``val/upsampler/{psnr,ssim}[_bicubic][_unseen]``), plus
