@@ -17,7 +17,7 @@ export HYDRA_FULL_ERROR ?= 0
 # the ~6 GB of wheels in parallel and hard-links them from its cache instead of copying them (README, "Two
 # commands"). It compiles the bytecode as pip does: uv's default leaves that to the first import, and where
 # PYTHONDONTWRITEBYTECODE is set no import ever writes it, so every process (each test's `python train.py`)
-# would compile torch and lightning anew, ~15 s each. pip does the install where uv cannot be fetched or fails.
+# would compile torch and lightning anew: ~18 s an import instead of ~8. pip does the install where uv cannot be fetched or fails.
 install = ($(1) -m pip install --quiet -c constraints.txt uv \
 	  && $(1) -m uv pip install --quiet --link-mode=hardlink --compile-bytecode --python $(1) $(2)) \
 	|| ($(1) -m pip install --quiet --upgrade pip && $(1) -m pip install --quiet $(2))

@@ -107,7 +107,7 @@ def best_of_candidates(pipe: "UnCLIPPipeline", drawn: UnCLIPOutput, k: int) -> U
 
 def embedding_of(upsampler, z_img: torch.Tensor, weights: torch.Tensor | None) -> dict:
     """What an upsampler that reads z_i (``image_cond``) is given: the embeddings the images were decoded from; a
-    conjunction's image (z_img (K, B, D)) the mean of its parts' (CLIP embeddings of scenes add roughly)."""
+    conjunction's image (z_img (K, B, D)) the normalised mean of its parts'."""
     if not getattr(upsampler, "image_cond", False):
         return {}
     return {"z_img": F.normalize(z_img.float().mean(0), dim=-1) if weights is not None else z_img}

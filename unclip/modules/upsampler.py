@@ -88,8 +88,9 @@ class UpsamplerModule(UnclipModule):
         self.val_store: dict[str, dict[str, list]] = {}
 
     def build_net(self, net: dict, diffusion: dict):
-        """The denoiser, called ``net(x_t, t, z_img, lowres=..., aug_level=...)``: unclip's UNet with the low-res image
-        as extra input channels and, with ``image_cond``, z_i added to t's embedding (a subclass may bring another net)."""
+        """The denoiser, called ``net(x_t, t, lowres=..., aug_level=...)``, with ``image_cond`` also ``z_img=`` and
+        ``drop_image=``: unclip's UNet with the low-res image as extra input channels and z_i added to t's embedding
+        (a subclass may bring another net)."""
         if self.image_cond and not net.get("embed_dim"):
             raise ValueError("image_cond needs net.embed_dim, the CLIP embedding's dimension")
         net.update(embed_dim=int(net["embed_dim"]) if self.image_cond else 0, context_tokens=0, text_width=0,
@@ -210,12 +211,10 @@ class UpsamplerModule(UnclipModule):
         truth = batch["image"][:keep].float()
         lowres = self.lowres_of(truth)
         generator = torch.Generator(device=self.device).manual_seed(hash_seed(self.seed, "val-sample", dataloader_idx, batch_idx))
-        store["sample"].append(self.upsample(lowres, generator=generator, z_img=self.batch_embeddings(batch, keep)))
+        z_img = batch["img_emb"][:keep] if "img_emb" in batch else None  # read by image_cond upsamplers only
+        store["sample"].append(self.upsample(lowres, generator=generator, z_img=z_img))
         store["bicubic"].append(resize(lowres, truth.shape[-2:], "bicubic"))
         store["truth"].append(truth)
-
-    def batch_embeddings(self, batch: dict, keep: int) -> torch.Tensor | None:
-        return batch["img_emb"][:keep] if self.image_cond and "img_emb" in batch else None
 
     def on_validation_epoch_end(self) -> None:
         from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
