@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from unclip.demo import (PROFILES, ROOT, Stage, StageFailed, auto_precision, check_profile, expectation, parse_cli, run_stages,
+from unclip.demo import (PROFILES, ROOT, Stage, StageFailed, auto_precision, bf16_unit, check_profile, expectation, parse_cli, run_stages,
                          stages)
 
 
@@ -356,10 +356,15 @@ def test_the_grid_parser_takes_none_and_refuses_an_unknown_completer(monkeypatch
 
 
 def test_the_demo_tells_how_long_each_profile_takes_in_either_precision():
-    """Every profile has a time for both concrete precisions (a missing one would stop the demo at its first
-    line), and only a long fp32 run points to the quick profile."""
+    """Every profile has a time for fp32 and for each kind of CPU bf16 unit (a missing one would stop the demo at
+    its first line), and only a long fp32 run points to the quick profile."""
     for name, profile in PROFILES.items():
-        for precision in ("bf16-mixed", "32-true"):
-            assert profile["expect"][precision] in expectation(name, precision)
+        assert profile["expect"]["32-true"] in expectation(name, "32-true", unit="amx")  # fp32 whatever the CPU has
+        for unit in ("amx", "avx512_bf16"):  # bf16 by the CPU's bf16 unit: AMX tiles ~2.5x the dot products alone
+            assert f"{unit.upper().replace('_', '-')} it takes {profile['expect'][unit]}" in expectation(name, "bf16-mixed", unit)
     assert "make demo-fast" in expectation("full", "32-true")
-    assert "demo-fast" not in expectation("full", "bf16-mixed") + expectation("fast", "32-true")
+    assert "demo-fast" not in expectation("full", "bf16-mixed", "amx") + expectation("fast", "32-true")
+    assert "emulates bf16" in expectation("full", "bf16-mixed", unit="none")
+    assert bf16_unit("fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile") == "amx"
+    assert bf16_unit("fpu avx2 avx512f avx512_bf16") == "avx512_bf16"
+    assert bf16_unit("fpu avx2") is None

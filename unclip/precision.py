@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 PRECISIONS = ("auto", "32-true", "bf16-mixed")
-BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo: the instructions that make a CPU's bf16 matmul fast
 
 
 def auto_precision(cpu_flags: str | None = None, cuda: bool | None = None) -> str:
@@ -22,8 +21,14 @@ def auto_precision(cpu_flags: str | None = None, cuda: bool | None = None) -> st
     matmul), ``32-true`` elsewhere: without them torch emulates bf16, about 100x slower than fp32."""
     if torch.cuda.is_available() if cuda is None else cuda:
         return "bf16-mixed"
+    return "bf16-mixed" if bf16_unit(cpu_flags) else "32-true"
+
+
+def bf16_unit(cpu_flags: str | None = None) -> str | None:
+    """What multiplies bf16 on this CPU: ``amx`` (AMX tiles, ~10x an fp32 matmul), ``avx512_bf16`` (dot-product
+    instructions alone, ~2.5x), or None (emulated)."""
     words = set((machine_cpu_flags() if cpu_flags is None else cpu_flags).split())
-    return "bf16-mixed" if any(flag in words for flag in BF16_CPU_FLAGS) else "32-true"
+    return "amx" if "amx_bf16" in words else "avx512_bf16" if "avx512_bf16" in words else None
 
 
 @lru_cache(maxsize=1)
