@@ -55,6 +55,25 @@ def test_an_extra_object_costs_count_but_not_the_named_object():
     assert rows["two"]["acc"] == 0.5 and rows["two"]["prompt"] == 0.0 and rows["two"]["shape"] == 1.0
 
 
+def test_rows_of_pixels_carry_the_outline_readers_verdict_beside_the_classifiers():
+    from helpers import picture
+
+    pool = breakdown.Pool.__new__(breakdown.Pool)
+    pool.objects = [[dict(RED_CIRCLE)], [dict(RED_CIRCLE), dict(BLUE_SQUARE)]]
+    pool.asked = [[{"shape": "circle", "color": "red"}], pool.objects[1]]
+    pool.captions = ["a red circle", "..."]
+    drawn = [[dict(RED_CIRCLE)], [dict(RED_CIRCLE), dict(BLUE_SQUARE)]]
+    to_pixels = lambda images: torch.stack([torch.from_numpy(picture(o, seed=i)).permute(2, 0, 1) * 2 - 1  # noqa: E731
+                                            for i, o in enumerate(images)])
+    perfect = CellPredictions.from_objects(pool.objects)
+    rows = {r["objects"]: r for r in breakdown.score_rows("real", "val", perfect, pool, to_pixels(drawn))}
+    assert rows["single"]["outline"] == rows["two"]["outline"] == 1.0
+    drawn[0].append(dict(BLUE_SQUARE))  # a second object where the caption names one: the classifier is told the same
+    rows = {r["objects"]: r for r in breakdown.score_rows("real", "val", perfect, pool, to_pixels(drawn))}
+    assert rows["single"]["outline"] == 0.0 and rows["single"]["prompt"] == 1.0 and rows["two"]["outline"] == 1.0
+    assert "outline" not in breakdown.score_rows("real", "val", perfect, pool)[0]  # no pixels, no reading
+
+
 def test_one_object_rows_say_which_shapes_a_stage_loses():
     import math
 
@@ -87,6 +106,7 @@ def test_breakdown_scores_every_stage_on_seen_and_held_out_pairs(shapes_dir, cac
     assert len(saved) == len(rows) and "| decoder_true_zi | held-out |" in (out / "breakdown.md").read_text()
     assert "by the object's shape" in (out / "breakdown.md").read_text()
     assert all(("by_shape" in r) == (r["objects"] == "single") for r in rows)
+    assert all((r["stage"] == "clip_zero_shot") != (0.0 <= r.get("outline", -1) <= 1.0) for r in rows)  # every row of pixels
     again = run(cfg)  # the same seeds: the same numbers
     assert [r["acc"] for r in again] == [r["acc"] for r in rows]
     prompt = lambda rs: torch.tensor([r.get("prompt", float("nan")) for r in rs])  # noqa: E731 - zero-shot has none

@@ -232,6 +232,7 @@ def test_the_grid_marks_held_out_and_two_object_rows_and_an_extra_blob_is_wrong(
     from unclip.demo_grids import grid_rows, score_grid
     from unclip.eval.attributes import CellPredictions, objects_from_caption
     from unclip.sampling import save_grid
+    from helpers import picture
 
     rows = grid_rows()
     assert [g for g, _, _ in rows].count("held-out") >= 4 and [g for g, _, _ in rows].count("two") >= 4
@@ -248,12 +249,15 @@ def test_the_grid_marks_held_out_and_two_object_rows_and_an_extra_blob_is_wrong(
 
     images = [drawn(objects, extra=(i == 0)) for i, (_, _, objects) in enumerate(rows)]
     monkeypatch.setattr(attributes, "predict", lambda classifier, pixels: CellPredictions.from_objects(images))
-    scores = score_grid(None, torch.zeros(len(rows), 3, 8, 8), rows, n=1)
+    pixels = torch.stack([torch.from_numpy(picture(objects, seed=i)).permute(2, 0, 1) * 2 - 1  # the outline reader's
+                          for i, objects in enumerate(images)])
+    scores = score_grid(None, pixels, rows, n=1)
     singles = sum(g == "single" for g, _, _ in rows)
     assert scores["attr_acc"] == scores["attr_acc_two"] == scores["right_held-out"] == scores["right_two"] == 1.0
-    assert scores["right_single"] == pytest.approx(1 - 1 / singles)  # row 0 drew a second blob
-    assert scores["rows"][0] == {"prompt": rows[0][1], "right": 0.0, "count": 0.0}  # ...and its row says why
-    assert all(r["right"] == r["count"] == 1.0 for r in scores["rows"][1:])
+    assert scores["right_single"] == scores["outline_right_single"] == pytest.approx(1 - 1 / singles)  # row 0: a second blob
+    assert scores["rows"][0] == {"prompt": rows[0][1], "right": 0.0, "outline_right": 0.0, "count": 0.0}  # ...and its row says why
+    assert all(r["right"] == r["outline_right"] == r["count"] == 1.0 for r in scores["rows"][1:])
+    assert scores["outline_right_held-out"] == scores["outline_right_two"] == 1.0
     path = save_grid(torch.zeros(len(rows) * 2, 3, 16, 16), 2, tmp_path / "grid.png", row_labels=[p for _, p, _ in rows])
     from PIL import Image
 

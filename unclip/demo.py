@@ -149,10 +149,9 @@ PROFILES = {
         "ar_prior": ("trainer.max_steps=400", "trainer.val_check_interval=400", "model.module.val_pool=250",
                      "model.module.tokenizer.bins=64", "optim.optimizer.lr=1e-3", "model.module.sampling.guidance_scale=3"),
         "contrastive_prior": ("trainer.max_steps=400", "trainer.val_check_interval=400", "model.module.val_pool=250"),
-        # caption-conditioned too: decoding true z_i, held-out single shapes right 0.25 -> 0.40 (README, A/B); it
-        # samples at guidance 3 (saved in its checkpoint): the caption already sharpens the conditional, and at 5 the
-        # grid draws more second objects (right, all rows, diffusion prior: 8 / 5 / 3 / 2 -> 0.50 / 0.61 / 0.69 / 0.66).
-        # 3,600 steps: single-object right 0.77 -> 0.83 over 3,000, every prior +5-7 points (README, A/B), ~2 min more
+        # caption-conditioned too: decoding true z_i, held-out single shapes right 0.25 -> 0.40 (README, A/B); guidance
+        # 3 (saved in its checkpoint): at 5 the grid draws more second objects (right, all rows, diffusion prior: 8 / 5 /
+        # 3 / 2 -> 0.50 / 0.61 / 0.69 / 0.66); 3,600 steps: single right 0.77 -> 0.83 over 3,000 (README, A/B), ~3 min more
         "decoder": ("model.module.text_cond=true", "trainer.max_steps=3600", "trainer.val_check_interval=3600",
                     "trainer.limit_val_batches=4", "data.batch_size=32", "optim.optimizer.lr=1e-3",
                     "sampler.guidance_scale=3"),
@@ -355,7 +354,8 @@ def regrid(argv: list[str]) -> dict:
                                                  indent=1))
     for prior, scores in results.items():
         for row in scores["rows"]:
-            print(f"[demo] {prior}: {row['prompt']}: right {row['right']:.2f}, named number of objects {row['count']:.2f}")
+            print(f"[demo] {prior}: {row['prompt']}: right {row['right']:.2f} (outlines {row['outline_right']:.2f}), "
+                  f"named number of objects {row['count']:.2f}")
     print(f"[demo] {out / 'results.json'}", flush=True)
     return results
 

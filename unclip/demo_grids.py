@@ -52,9 +52,11 @@ def grid_rows() -> list[tuple[str, str, list[dict]]]:
 
 def score_grid(classifier, pixels, rows: list[tuple[str, str, list[dict]]], n: int) -> dict:
     """The grid's attribute accuracies overall and per group; ``right``: every named object has its shape
-    and colour and the image holds no object the prompt did not ask for (a second blob is wrong)."""
+    and colour and the image holds no object the prompt did not ask for (a second blob is wrong).
+    ``outline_right``: the same rule read by the outline reader (unclip.eval.outlines), which has no weights."""
     from unclip.eval.attributes import predict, score_predictions
     from unclip.eval.breakdown import count_hits
+    from unclip.eval.outlines import is_right, read_images
 
     labels = [objects for _, _, objects in rows for _ in range(n)]
     groups = [group for group, _, _ in rows for _ in range(n)]
@@ -62,13 +64,17 @@ def score_grid(classifier, pixels, rows: list[tuple[str, str, list[dict]]], n: i
     scores = score_predictions(pred, labels)
     exact = count_hits(pred, labels)
     per_image = [score_predictions(pred.subset([i]), [labels[i]])["attr_prompt"] == 1.0 and exact[i] for i in range(len(labels))]
+    outlines = [is_right(read, asked) for read, asked in zip(read_images(pixels), labels)]
     scores["right"] = sum(per_image) / len(per_image)
+    scores["outline_right"] = sum(outlines) / len(outlines)
     scores["rows"] = [{"prompt": prompt, "right": sum(per_image[r * n:(r + 1) * n]) / n,
+                       "outline_right": sum(outlines[r * n:(r + 1) * n]) / n,
                        "count": sum(exact[r * n:(r + 1) * n]) / n} for r, (_, prompt, _) in enumerate(rows)]
     for group in PROMPTS:
         index = [i for i, g in enumerate(groups) if g == group]
         scores[f"attr_acc_{group}"] = score_predictions(pred.subset(index), [labels[i] for i in index])["attr_acc"]
         scores[f"right_{group}"] = sum(per_image[i] for i in index) / len(index)
+        scores[f"outline_right_{group}"] = sum(outlines[i] for i in index) / len(index)
     return scores
 
 

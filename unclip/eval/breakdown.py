@@ -17,7 +17,9 @@ objects as the caption names: "no extra object"), ``acc`` (shape and colour righ
 widths) so a difference between two rows can be read against its noise. One-object rows also carry
 ``by_shape``, shape right per object shape (a second table in ``breakdown.md``): which shapes a link loses.
 CLIP's zero-shot ``count`` asks whether the caption of the first object alone or with a second object fits
-better. Writes ``breakdown.{json,md}``.
+better. Rows of pixels also carry ``outline``: ``prompt`` and ``count`` together as read by the outline reader
+(``unclip.eval.outlines``), which has no weights, so a classifier's blind spot shows as a gap between the two.
+Writes ``breakdown.{json,md}``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from unclip.eval.attributes import CellPredictions, load_classifier, named_objec
 from unclip.eval.attributes.net import EMPTY
 from unclip.eval.baselines import load_prior
 from unclip.eval.generation import batches, compose_images, decode_embeddings, sample_embeddings, seeded, with_prior
+from unclip.eval.outlines import is_right, read_images
 from unclip.eval.protocol import val_pool
 from unclip.eval.settings import settings_of
 from unclip.eval.tables import json_safe, markdown
@@ -49,7 +52,7 @@ log = logging.getLogger(__name__)
 SPLITS = {"val": "seen", "val_unseen": "held-out"}
 GROUPS = {"single": 1, "two": 2}
 ATTRIBUTES = ("shape", "color", "position", "count")
-COLUMNS = ["stage", "split", "objects", "n", *ATTRIBUTES, "acc", "acc_ci", "prompt", "prompt_ci"]
+COLUMNS = ["stage", "split", "objects", "n", *ATTRIBUTES, "acc", "acc_ci", "prompt", "prompt_ci", "outline"]
 
 
 def wilson_half_width(p: float, n: int, z: float = 1.96) -> float:
@@ -95,10 +98,13 @@ def count_hits(pred: CellPredictions, objects: Sequence[Sequence[dict]]) -> list
     return [int(drawn[i]) == len(o) for i, o in enumerate(objects)]
 
 
-def score_rows(stage: str, split: str, pred: CellPredictions, pool: Pool) -> list[dict]:
-    """One row per object-count group of the pool, from the classifier's per-cell predictions."""
+def score_rows(stage: str, split: str, pred: CellPredictions, pool: Pool, pixels: torch.Tensor | None = None) -> list[dict]:
+    """One row per object-count group of the pool, from the classifier's per-cell predictions; with the
+    ``pixels`` it read, also ``outline``: the share of images whose every object the outline reader finds in its
+    named shape and colour, with nothing else drawn (unclip.eval.outlines, a check with no weights)."""
     rows = []
     counts = count_hits(pred, pool.objects)
+    outlines = None if pixels is None else [is_right(read, asked) for read, asked in zip(read_images(pixels), pool.asked)]
     for group, k in GROUPS.items():
         index = [i for i, o in enumerate(pool.objects) if len(o) == k]
         if not index:
@@ -108,6 +114,8 @@ def score_rows(stage: str, split: str, pred: CellPredictions, pool: Pool) -> lis
             "shape": metrics["attr_shape"], "color": metrics["attr_color"], "position": metrics["attr_position"],
             "count": sum(counts[i] for i in index) / len(index), "acc": metrics["attr_acc"],
             "prompt": metrics["attr_prompt"]}, n_objects=metrics["n_objects"]))
+        if outlines is not None:
+            rows[-1]["outline"] = mean([outlines[i] for i in index])
         if group == "single":
             rows[-1]["by_shape"] = {shape: score_predictions(pred.subset(ids), [pool.asked[i] for i in ids])["attr_shape"]
                                     for shape, ids in by_shape(pool, index).items()}
@@ -221,23 +229,25 @@ def run_breakdown(cfg: DictConfig, clip) -> list[dict]:
     rows = []
     for split, pool in pools.items():
         log.info("breakdown: %s, %d pairs", split, len(pool))
-        rows += score_rows("real", split, predict(classifier, pool.images), pool)
+        rows += score_rows("real", split, predict(classifier, pool.images), pool, pool.images)
         if upsamplers:  # the upsamplers given what the decoder should have drawn
-            rows += score_rows("upsampled_real", split, predict(classifier, upsample(pipe, pool.images, seed, batch_size, pool.z_img)), pool)
+            upsampled = upsample(pipe, pool.images, seed, batch_size, pool.z_img)
+            rows += score_rows("upsampled_real", split, predict(classifier, upsampled), pool, upsampled)
         rows += zero_shot_rows(clip, split, pool)
         decoded, _ = decode_embeddings(plain, pool.z_img, pool.captions, seed, decoder_settings, batch_size)
-        rows += score_rows("decoder_true_zi", split, predict(classifier, decoded), pool)
+        rows += score_rows("decoder_true_zi", split, predict(classifier, decoded), pool, decoded)
         if upsamplers:
-            rows += score_rows("upsampled", split, predict(classifier, upsample(pipe, decoded, seed, batch_size, pool.z_img)), pool)
+            upsampled = upsample(pipe, decoded, seed, batch_size, pool.z_img)
+            rows += score_rows("upsampled", split, predict(classifier, upsampled), pool, upsampled)
         for name, prior in zip(stage_labels(cfg.priors, priors), priors):
             prior_pipe = with_prior(pipe, prior)
             z_img, _ = sample_embeddings(prior_pipe, pool.captions, seed, prior_settings, batch_size)
             pixels, _ = decode_embeddings(prior_pipe, z_img, pool.captions, seed, decoder_settings, batch_size)
-            rows += score_rows(name, split, predict(classifier, pixels), pool)
+            rows += score_rows(name, split, predict(classifier, pixels), pool, pixels)
             if composer is not None:
                 pixels = compose_images(prior_pipe, pool.captions, seed, composer, layout, prior_settings,
                                         decoder_settings, batch_size)
-                rows += score_rows(f"{name} {composed}", split, predict(classifier, pixels), pool)
+                rows += score_rows(f"{name} {composed}", split, predict(classifier, pixels), pool, pixels)
         write(rows, Path(cfg.out))  # after each split: a long run's first half is on disk early
     return rows
 

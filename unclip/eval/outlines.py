@@ -1,0 +1,161 @@
+"""A second reader of the shapes pictures, with no learned weights. Each object is a connected region of
+saturated pixels (the generator's backgrounds are muted, its objects saturated); its colour is named by hue,
+and its shape by which of the generator's own outlines (``unclip.data.shapes.polygon``), scaled to the region's
+area, centred on it and turned within the generator's range, overlaps it best. It checks the attribute
+classifier, which learned what real images look like and may read a decoder's artefacts in ways that a reader
+of outlines does not (and the other way round): a grid is scored by both (``unclip.demo_grids``)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from unclip.data.shapes import COLORS, SHAPES, polygon
+
+SUPERSAMPLE = 8                                  # template coverage resolved to 1/64 of a pixel
+ANGLES = tuple(np.linspace(-0.3, 0.3, 7))       # the generator turns a polygon by up to ±0.15 rad
+SATURATED = 0.2                                  # chroma (max - min of RGB in [0, 1]): objects >= 0.35, backgrounds <= 0.09
+MIN_AREA = 16 / 64 ** 2                          # a region smaller than a quarter of the smallest star is a speck
+SPLIT_AREA = 48 / 64 ** 2                        # a second colour this large in one region is a second object
+MARGIN = 3                                       # pixels around a region that its fit looks at
+
+
+@dataclass(frozen=True)
+class Outline:
+    """One object as read: its shape and colour, area in pixels, centre (x, y) in pixels and the overlap
+    (soft IoU) of every shape's best-placed outline with it."""
+
+    shape: str
+    color: str
+    area: float
+    centre: tuple[float, float]
+    overlap: dict[str, float]
+
+
+def _unit_area(shape: str) -> float:
+    """The area of ``shape`` drawn at radius 1 (the shoelace formula on its polygon)."""
+    if shape == "circle":
+        return math.pi
+    points = polygon(shape, 0.0, 0.0, 1.0, 0.0)
+    return 0.5 * abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(points, points[1:] + points[:1])))
+
+
+UNIT_AREA = {shape: _unit_area(shape) for shape in SHAPES}
+
+
+def _regions(mask: np.ndarray) -> np.ndarray:
+    """8-connected labels of a boolean (H, W) mask: each region gets the largest pixel id within it."""
+    h, w = mask.shape
+    keep = torch.from_numpy(mask)[None, None].float()
+    labels = torch.arange(1, h * w + 1, dtype=torch.float32).view(1, 1, h, w) * keep
+    while True:  # ids spread to their neighbours until every region holds one
+        spread = F.max_pool2d(labels, 3, stride=1, padding=1) * keep
+        if torch.equal(spread, labels):
+            return labels[0, 0].long().numpy()
+        labels = spread
+
+
+def _template(shape: str, centre: tuple[float, float], radius: float, angle: float, box: tuple[int, int, int, int]) -> np.ndarray:
+    """Coverage in [0, 1] of each pixel of ``box`` (x0, y0, x1, y1) by ``shape`` drawn as the generator draws it."""
+    x0, y0, x1, y1 = box
+    canvas = Image.new("L", ((x1 - x0) * SUPERSAMPLE, (y1 - y0) * SUPERSAMPLE), 0)
+    draw = ImageDraw.Draw(canvas)
+    cx, cy, r = (centre[0] - x0) * SUPERSAMPLE, (centre[1] - y0) * SUPERSAMPLE, radius * SUPERSAMPLE
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+    else:
+        draw.polygon(polygon(shape, cx, cy, r, angle), fill=255)
+    return np.asarray(canvas.resize((x1 - x0, y1 - y0), Image.Resampling.BOX), dtype=np.float32) / 255
+
+
+HUES = np.array([COLORS[name][0] for name in COLORS], dtype=np.float32)
+
+
+def _color_index(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3) RGB -> index (in ``COLORS``) of the named colour nearest in hue."""
+    top, low = rgb.max(-1), rgb.min(-1)
+    span = np.maximum(top - low, 1e-6)
+    r, g, b = np.moveaxis(rgb, -1, 0)
+    hue = np.where(top == r, (g - b) / span % 6, np.where(top == g, (b - r) / span + 2, (r - g) / span + 4)) * 60
+    distance = np.abs(hue[..., None] - HUES)
+    return np.minimum(distance, 360 - distance).argmin(-1)
+
+
+def _color_name(rgb: np.ndarray) -> str:
+    return list(COLORS)[int(_color_index(rgb))]
+
+
+def _fit(rgb: np.ndarray, background: np.ndarray, region: np.ndarray, others: np.ndarray) -> Outline | None:
+    """Reads one region: its core colour, its soft coverage (the projection of each pixel onto core - background,
+    linear in an edge pixel's share of object), and the shape whose outline overlaps that coverage best."""
+    chroma = rgb.max(-1) - rgb.min(-1)
+    inside = rgb[region]
+    core = np.median(inside[chroma[region] >= np.median(chroma[region])], axis=0)
+    ys, xs = np.nonzero(region)
+    h, w = region.shape
+    box = (max(0, xs.min() - MARGIN), max(0, ys.min() - MARGIN), min(w, xs.max() + 1 + MARGIN), min(h, ys.max() + 1 + MARGIN))
+    x0, y0, x1, y1 = box
+    direction = core - background
+    coverage = ((rgb[y0:y1, x0:x1] - background) @ direction) / max(float(direction @ direction), 1e-6)
+    coverage = np.clip(coverage, 0.0, 1.0) * ~others[y0:y1, x0:x1]
+    area = float(coverage.sum())
+    if area < 1.0:  # no colour apart from the background's (a grey-ish region): nothing drawn there
+        return None
+    gy, gx = np.mgrid[y0:y1, x0:x1] + 0.5
+    centre = (float((coverage * gx).sum() / area), float((coverage * gy).sum() / area))
+    overlap = {}
+    for shape in SHAPES:
+        radius = math.sqrt(area / UNIT_AREA[shape])
+        best = 0.0
+        for angle in (0.0,) if shape == "circle" else ANGLES:
+            t = _template(shape, centre, radius, angle, box)
+            best = max(best, float(np.minimum(coverage, t).sum() / np.maximum(coverage, t).sum()))
+        overlap[shape] = round(best, 4)
+    return Outline(max(overlap, key=overlap.get), _color_name(core), area, centre, overlap)
+
+
+def _split_by_colour(labels: np.ndarray, hue_class: np.ndarray) -> np.ndarray:
+    """Two touching objects of different colours are one region: a region holding two named colours, each over
+    ``SPLIT_AREA`` of the image, becomes one region per such colour (what else it holds, an edge's blend, goes
+    to neither). Fewer pixels of another hue are an object's own edge or glint, not a second object."""
+    out = labels.copy()
+    for region in np.unique(labels[labels > 0]):
+        inside = labels == region
+        classes, counts = np.unique(hue_class[inside], return_counts=True)
+        big = classes[counts >= SPLIT_AREA * labels.size]
+        if len(big) > 1:
+            out[inside] = 0
+            for c in big:
+                out[inside & (hue_class == c)] = labels.size * (1 + int(c)) + region
+    return out
+
+
+def read_image(image: np.ndarray) -> list[Outline]:
+    """(H, W, 3) RGB in [0, 1] -> its objects, largest first."""
+    background = np.median(np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]), axis=0)
+    saturated = (image.max(-1) - image.min(-1)) >= SATURATED
+    labels = _split_by_colour(_regions(saturated), _color_index(image))
+    ids, counts = np.unique(labels[labels > 0], return_counts=True)
+    keep = [i for i, n in zip(ids, counts) if n >= MIN_AREA * labels.size]
+    read = [_fit(image, background, labels == i, (labels > 0) & (labels != i)) for i in keep]
+    return sorted((o for o in read if o is not None), key=lambda o: -o.area)
+
+
+def read_images(pixels: torch.Tensor) -> list[list[Outline]]:
+    """(B, 3, H, W) in [-1, 1], as the pipeline and the shards' loaders give them -> each image's objects."""
+    images = ((pixels.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+    return [read_image(image) for image in images]
+
+
+def is_right(read: list[Outline], asked: list[dict]) -> bool:
+    """Every asked object is there in its shape and colour (where asked), and nothing else is."""
+    if len(read) != len(asked):
+        return False
+    return any(all(obj.get(k) in (None, getattr(o, k)) for obj, o in zip(asked, order) for k in ("shape", "color"))
+               for order in itertools.permutations(read))
