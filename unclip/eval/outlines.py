@@ -22,7 +22,9 @@ SUPERSAMPLE = 8                                  # template coverage resolved to
 ANGLES = tuple(np.linspace(-0.3, 0.3, 7))       # the generator turns a polygon by up to ±0.15 rad
 SATURATED = 0.2                                  # chroma (max - min of RGB in [0, 1]): objects >= 0.35, backgrounds <= 0.09
 MIN_AREA = 16 / 64 ** 2                          # a region smaller than a quarter of the smallest star is a speck
-SPLIT_AREA = 48 / 64 ** 2                        # a second colour this large in one region is a second object
+SPLIT_AREA = 48 / 64 ** 2                        # a second colour this large in one region is a second object,
+SPLIT_HUE = 20.0                                 # if its hue is this far (degrees) from the first's (named ones: 28-65)
+FRINGE_OVERLAP = 0.3                             # and if some outline fits it this well (objects: 0.5-0.97)
 MARGIN = 3                                       # pixels around a region that its fit looks at
 
 
@@ -77,13 +79,26 @@ def _template(shape: str, centre: tuple[float, float], radius: float, angle: flo
 HUES = np.array([COLORS[name][0] for name in COLORS], dtype=np.float32)
 
 
-def _color_index(rgb: np.ndarray) -> np.ndarray:
-    """(..., 3) RGB -> index (in ``COLORS``) of the named colour nearest in hue."""
+def _hue(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3) RGB -> hue in degrees."""
     top, low = rgb.max(-1), rgb.min(-1)
     span = np.maximum(top - low, 1e-6)
     r, g, b = np.moveaxis(rgb, -1, 0)
-    hue = np.where(top == r, (g - b) / span % 6, np.where(top == g, (b - r) / span + 2, (r - g) / span + 4)) * 60
-    distance = np.abs(hue[..., None] - HUES)
+    return np.where(top == r, (g - b) / span % 6, np.where(top == g, (b - r) / span + 2, (r - g) / span + 4)) * 60
+
+
+def _hue_gap(a: float, b: float) -> float:
+    return min(abs(a - b), 360 - abs(a - b))
+
+
+def _mean_hue(hues: np.ndarray) -> float:
+    angles = np.deg2rad(hues)
+    return float(np.rad2deg(np.arctan2(np.sin(angles).mean(), np.cos(angles).mean())) % 360)
+
+
+def _color_index(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3) RGB -> index (in ``COLORS``) of the named colour nearest in hue."""
+    distance = np.abs(_hue(rgb)[..., None] - HUES)
     return np.minimum(distance, 360 - distance).argmin(-1)
 
 
@@ -120,16 +135,19 @@ def _fit(rgb: np.ndarray, background: np.ndarray, region: np.ndarray, others: np
     return Outline(max(overlap, key=overlap.get), _color_name(core), area, centre, overlap)
 
 
-def _split_by_colour(labels: np.ndarray, hue_class: np.ndarray) -> np.ndarray:
+def _split_by_colour(labels: np.ndarray, image: np.ndarray) -> np.ndarray:
     """Two touching objects of different colours are one region: a region holding two named colours, each over
-    ``SPLIT_AREA`` of the image, becomes one region per such colour (what else it holds, an edge's blend, goes
-    to neither). Fewer pixels of another hue are an object's own edge or glint, not a second object."""
+    ``SPLIT_AREA`` of the image and ``SPLIT_HUE`` apart in mean hue, becomes one region per such colour (what
+    else it holds, an edge's blend, goes to neither). Fewer pixels of another hue, or a hue drifting across a
+    colour's border, are one object's edge or shading, not a second object."""
     out = labels.copy()
+    hue, hue_class = _hue(image), _color_index(image)
     for region in np.unique(labels[labels > 0]):
         inside = labels == region
         classes, counts = np.unique(hue_class[inside], return_counts=True)
         big = classes[counts >= SPLIT_AREA * labels.size]
-        if len(big) > 1:
+        means = [_mean_hue(hue[inside & (hue_class == c)]) for c in big]
+        if len(big) > 1 and min(_hue_gap(a, b) for a, b in itertools.combinations(means, 2)) >= SPLIT_HUE:
             out[inside] = 0
             for c in big:
                 out[inside & (hue_class == c)] = labels.size * (1 + int(c)) + region
@@ -140,11 +158,13 @@ def read_image(image: np.ndarray) -> list[Outline]:
     """(H, W, 3) RGB in [0, 1] -> its objects, largest first."""
     background = np.median(np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]), axis=0)
     saturated = (image.max(-1) - image.min(-1)) >= SATURATED
-    labels = _split_by_colour(_regions(saturated), _color_index(image))
+    labels = _split_by_colour(_regions(saturated), image)
     ids, counts = np.unique(labels[labels > 0], return_counts=True)
     keep = [i for i, n in zip(ids, counts) if n >= MIN_AREA * labels.size]
-    read = [_fit(image, background, labels == i, (labels > 0) & (labels != i)) for i in keep]
-    return sorted((o for o in read if o is not None), key=lambda o: -o.area)
+    read = [(_fit(image, background, labels == i, (labels > 0) & (labels != i)), i > labels.size) for i in keep]
+    # a part split off by colour that fits no outline is a colour fringe of its neighbour, not an object
+    objects = [o for o, split in read if o is not None and not (split and max(o.overlap.values()) < FRINGE_OVERLAP)]
+    return sorted(objects, key=lambda o: -o.area)
 
 
 def read_images(pixels: torch.Tensor) -> list[list[Outline]]:
