@@ -56,3 +56,14 @@ def test_right_asks_only_for_what_the_prompt_names():
     assert is_right(read, [{"shape": "circle", "color": "cyan"}, {"shape": "hexagon"}])
     assert not is_right(read, [{"shape": "circle", "color": "orange"}, {"shape": "hexagon"}])
     assert not is_right(read[:1], [{"shape": "hexagon"}, {"shape": "circle"}])
+
+
+def test_the_shard_check_reads_the_generators_real_images_right(shapes_dir):
+    from unclip.eval.outlines import check_shard
+
+    shard = sorted(shapes_dir.glob("val-*.tar"))[0]
+    report = check_shard(str(shard), limit=50)
+    assert report["images"] >= 12 and report["right"] >= 0.95, report  # 1.000 over 500 val images (README)
+    assert sum(int(v.split("/")[1]) for v in report["one_object"].values()) <= report["images"]
+    through_32 = check_shard(str(shard), limit=50, size=32)
+    assert through_32["images"] == report["images"] and through_32["right"] >= 0.85, through_32

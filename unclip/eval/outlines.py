@@ -179,3 +179,37 @@ def is_right(read: list[Outline], asked: list[dict]) -> bool:
         return False
     return any(all(obj.get(k) in (None, getattr(o, k)) for obj, o in zip(asked, order) for k in ("shape", "color"))
                for order in itertools.permutations(read))
+
+
+def check_shard(path: str, limit: int = 500, size: int | None = None) -> dict:
+    """The reader on a shapes shard's real images (``size``: through that resolution and back, as the decoder
+    draws): the share of images read right, and of one-object images read right per shape and size."""
+    import io
+    import json
+    import tarfile
+    from collections import defaultdict
+
+    members: dict[str, dict[str, bytes]] = defaultdict(dict)
+    with tarfile.open(path) as tar:
+        for member in tar:
+            key, _, ext = member.name.partition(".")
+            if member.isfile() and (len(members) < limit or key in members):
+                members[key][ext] = tar.extractfile(member).read()
+    right, by_kind = [], defaultdict(list)
+    for parts in list(members.values())[:limit]:
+        image = Image.open(io.BytesIO(next(v for k, v in parts.items() if k in ("png", "jpg", "jpeg", "webp")))).convert("RGB")
+        if size:
+            image = image.resize((size, size), Image.Resampling.BICUBIC).resize(image.size, Image.Resampling.BICUBIC)
+        objects = json.loads(parts["json"])["objects"]
+        right.append(is_right(read_image(np.asarray(image, dtype=np.float32) / 255), objects))
+        if len(objects) == 1:
+            by_kind[f"{objects[0]['size']} {objects[0]['shape']}"].append(right[-1])
+    return {"images": len(right), "right": sum(right) / max(len(right), 1),
+            "one_object": {k: f"{sum(v)}/{len(v)}" for k, v in sorted(by_kind.items())}}
+
+
+if __name__ == "__main__":  # python -m unclip.eval.outlines SHARD.tar [limit=500] [size=32]
+    import sys
+
+    options = dict(arg.split("=", 1) for arg in sys.argv[2:])
+    print(check_shard(sys.argv[1], int(options.get("limit", 500)), int(options["size"]) if "size" in options else None))
