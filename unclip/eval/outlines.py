@@ -3,7 +3,8 @@ saturated pixels (the generator's backgrounds are muted, its objects saturated);
 and its shape by which of the generator's own outlines (``unclip.data.shapes.polygon``), scaled to the region's
 area, centred on it and turned within the generator's range, overlaps it best. It checks the attribute
 classifier, which learned what real images look like and may read a decoder's artefacts in ways that a reader
-of outlines does not (and the other way round): a grid is scored by both (``unclip.demo_grids``)."""
+of outlines does not (and the other way round): the demo grid (``unclip.demo_grids``) and ``mode=breakdown`` are
+scored by both."""
 
 from __future__ import annotations
 
