@@ -136,7 +136,7 @@ PROFILES = {
         "root": "outputs",
         # wall time on 2 CPU cores from a fresh clone, setup included (README, "Demo"), told before the first stage
         # (bf16 by the CPU's bf16 unit, unclip.precision.bf16_unit: AMX tiles, or AVX512-BF16 instructions alone)
-        "expect": {"amx": "about 23 min", "avx512_bf16": "about 32 min", "32-true": "about 62 min"},
+        "expect": {"amx": "about 23 min", "avx512_bf16": "about 30 min", "32-true": "about 62 min"},
         "clip": ("model.module.model_name=unclip-tiny", "trainer.max_steps=600", "trainer.val_check_interval=300",
                  "data.batch_size=256", "optim.optimizer.lr=1e-3", "optim.warmup_steps=50",
                  "model.module.hard_negatives=true", "model.module.image_negatives=0.5"),
