@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from unclip.data.shapes import COLORS, SHAPES, polygon
+from unclip.data.shapes import COLORS, SHAPES, draw_object, polygon
 
 SUPERSAMPLE = 8                                  # template coverage resolved to 1/64 of a pixel
 ANGLES = tuple(np.linspace(-0.3, 0.3, 7))       # the generator turns a polygon by up to ±0.15 rad
@@ -65,15 +65,11 @@ def _regions(mask: np.ndarray) -> np.ndarray:
 
 
 def _template(shape: str, centre: tuple[float, float], radius: float, angle: float, box: tuple[int, int, int, int]) -> np.ndarray:
-    """Coverage in [0, 1] of each pixel of ``box`` (x0, y0, x1, y1) by ``shape`` drawn as the generator draws it."""
+    """Coverage in [0, 1] of each pixel of ``box`` (x0, y0, x1, y1) by ``shape``, drawn by the generator's own code."""
     x0, y0, x1, y1 = box
     canvas = Image.new("L", ((x1 - x0) * SUPERSAMPLE, (y1 - y0) * SUPERSAMPLE), 0)
-    draw = ImageDraw.Draw(canvas)
-    cx, cy, r = (centre[0] - x0) * SUPERSAMPLE, (centre[1] - y0) * SUPERSAMPLE, radius * SUPERSAMPLE
-    if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
-    else:
-        draw.polygon(polygon(shape, cx, cy, r, angle), fill=255)
+    geometry = [centre[0] - x0, centre[1] - y0, radius, angle]  # in pixels of the box: draw_object scales them
+    draw_object(ImageDraw.Draw(canvas), {"shape": shape, "rgb": (255,), "geometry": geometry}, SUPERSAMPLE, rng=None)
     return np.asarray(canvas.resize((x1 - x0, y1 - y0), Image.Resampling.BOX), dtype=np.float32) / 255
 
 
@@ -97,20 +93,23 @@ def _mean_hue(hues: np.ndarray) -> float:
     return float(np.rad2deg(np.arctan2(np.sin(angles).mean(), np.cos(angles).mean())) % 360)
 
 
-def _color_index(rgb: np.ndarray) -> np.ndarray:
-    """(..., 3) RGB -> index (in ``COLORS``) of the named colour nearest in hue."""
-    distance = np.abs(_hue(rgb)[..., None] - HUES)
+def _hue_class(hue: np.ndarray) -> np.ndarray:
+    """Hues in degrees -> index (in ``COLORS``) of the named colour nearest in hue."""
+    distance = np.abs(hue[..., None] - HUES)
     return np.minimum(distance, 360 - distance).argmin(-1)
 
 
 def _color_name(rgb: np.ndarray) -> str:
-    return list(COLORS)[int(_color_index(rgb))]
+    return list(COLORS)[int(_hue_class(_hue(rgb)))]
 
 
-def _fit(rgb: np.ndarray, background: np.ndarray, region: np.ndarray, others: np.ndarray) -> Outline | None:
+def _chroma(rgb: np.ndarray) -> np.ndarray:
+    return rgb.max(-1) - rgb.min(-1)
+
+
+def _fit(rgb: np.ndarray, chroma: np.ndarray, background: np.ndarray, region: np.ndarray, others: np.ndarray) -> Outline | None:
     """Reads one region: its core colour, its soft coverage (the projection of each pixel onto core - background,
     linear in an edge pixel's share of object), and the shape whose outline overlaps that coverage best."""
-    chroma = rgb.max(-1) - rgb.min(-1)
     inside = rgb[region]
     core = np.median(inside[chroma[region] >= np.median(chroma[region])], axis=0)
     ys, xs = np.nonzero(region)
@@ -136,13 +135,13 @@ def _fit(rgb: np.ndarray, background: np.ndarray, region: np.ndarray, others: np
     return Outline(max(overlap, key=overlap.get), _color_name(core), area, centre, overlap)
 
 
-def _split_by_colour(labels: np.ndarray, image: np.ndarray) -> np.ndarray:
+def _split_by_colour(labels: np.ndarray, hue: np.ndarray) -> np.ndarray:
     """Two touching objects of different colours are one region: a region holding two named colours, each over
     ``SPLIT_AREA`` of the image and ``SPLIT_HUE`` apart in mean hue, becomes one region per such colour (what
     else it holds, an edge's blend, goes to neither). Fewer pixels of another hue, or a hue drifting across a
     colour's border, are one object's edge or shading, not a second object."""
     out = labels.copy()
-    hue, hue_class = _hue(image), _color_index(image)
+    hue_class = _hue_class(hue)
     for region in np.unique(labels[labels > 0]):
         inside = labels == region
         classes, counts = np.unique(hue_class[inside], return_counts=True)
@@ -158,11 +157,11 @@ def _split_by_colour(labels: np.ndarray, image: np.ndarray) -> np.ndarray:
 def read_image(image: np.ndarray) -> list[Outline]:
     """(H, W, 3) RGB in [0, 1] -> its objects, largest first."""
     background = np.median(np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]), axis=0)
-    saturated = (image.max(-1) - image.min(-1)) >= SATURATED
-    labels = _split_by_colour(_regions(saturated), image)
+    chroma = _chroma(image)
+    labels = _split_by_colour(_regions(chroma >= SATURATED), _hue(image))
     ids, counts = np.unique(labels[labels > 0], return_counts=True)
     keep = [i for i, n in zip(ids, counts) if n >= MIN_AREA * labels.size]
-    read = [(_fit(image, background, labels == i, (labels > 0) & (labels != i)), i > labels.size) for i in keep]
+    read = [(_fit(image, chroma, background, labels == i, (labels > 0) & (labels != i)), i > labels.size) for i in keep]
     # a part split off by colour that fits no outline is a colour fringe of its neighbour, not an object
     objects = [o for o, split in read if o is not None and not (split and max(o.overlap.values()) < FRINGE_OVERLAP)]
     return sorted(objects, key=lambda o: -o.area)
@@ -187,21 +186,17 @@ def check_shard(path: str, limit: int = 500, size: int | None = None) -> dict:
     draws): the share of images read right, and of one-object images read right per shape and size."""
     import io
     import json
-    import tarfile
     from collections import defaultdict
 
-    members: dict[str, dict[str, bytes]] = defaultdict(dict)
-    with tarfile.open(path) as tar:
-        for member in tar:
-            key, _, ext = member.name.partition(".")
-            if member.isfile() and (len(members) < limit or key in members):
-                members[key][ext] = tar.extractfile(member).read()
+    import webdataset as wds
+
     right, by_kind = [], defaultdict(list)
-    for parts in list(members.values())[:limit]:
-        image = Image.open(io.BytesIO(next(v for k, v in parts.items() if k in ("png", "jpg", "jpeg", "webp")))).convert("RGB")
+    for sample in itertools.islice(wds.tariterators.tarfile_samples([{"url": path}]), limit):
+        data = next(sample[k] for k in ("png", "jpg", "jpeg", "webp") if k in sample)
+        image = Image.open(io.BytesIO(data)).convert("RGB")
         if size:
             image = image.resize((size, size), Image.Resampling.BICUBIC).resize(image.size, Image.Resampling.BICUBIC)
-        objects = json.loads(parts["json"])["objects"]
+        objects = json.loads(sample["json"])["objects"]
         right.append(is_right(read_image(np.asarray(image, dtype=np.float32) / 255), objects))
         if len(objects) == 1:
             by_kind[f"{objects[0]['size']} {objects[0]['shape']}"].append(right[-1])
