@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -156,6 +157,26 @@ def test_image_negatives_enter_the_loss_and_the_training_step(shapes_dir):
     with pytest.raises(ValueError, match="image_negatives is the share"):
         ClipPretrainModule("unclip-tiny", image_negatives=2)
 
+
+
+def test_drawn_images_are_the_counterfactuals_kept_within_their_budget(shapes_dir):
+    """The memo returns exactly what counterfactual_image draws, draws a repeat once, and drops the least
+    recently used image once its budget is spent."""
+    from unclip.data.shapes import counterfactual_image
+    from unclip.modules.clip_pretrain import DrawnImages
+
+    dm = CaptionImageDataModule(train=str(shapes_dir / "train-*.tar"), fields=["meta"], batch_size=4, shuffle=False)
+    dm.setup()
+    metas = next(iter(dm.train_dataloader()))["meta"]
+    asks = [(meta, 0, "star" if meta["objects"][0]["shape"] != "star" else "square") for meta in metas]
+    one = np.asarray(counterfactual_image(*asks[0])).nbytes
+    drawn = DrawnImages(budget_bytes=2 * one)
+    for ask in asks:
+        np.testing.assert_array_equal(drawn(*ask), np.asarray(counterfactual_image(*ask)))
+    assert len(drawn.arrays) == 2 and drawn.used == 2 * one  # four drawn, the two oldest dropped
+    kept = drawn.arrays[DrawnImages.key(*asks[-1])]
+    assert drawn(*asks[-1]) is kept  # a repeat is not drawn again
+    assert DrawnImages.key(*asks[0]) != DrawnImages.key(metas[0], 0, "circle")
 
 def test_text_tower_on_captions_cut_by_length_equals_open_clips_encode_text():
     """The training step's text tower runs on captions sorted by length and cut after each group's longest: for a

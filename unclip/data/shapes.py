@@ -17,9 +17,12 @@ import colorsys
 import io
 import json
 import math
+import os
 import random
 import re
 import sys
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -298,23 +301,31 @@ def encode_image(image: Image.Image, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-def write_split(out: Path, split: str, n: int, shards: int, cfg: ShapesConfig, holdout: set) -> dict[str, int]:
-    """Writes ``n`` samples of ``split`` into ``shards`` tar files of near-equal size; returns counts per shard."""
-    counts = {}
-    start = 0
+def write_shard(out: Path, name: str, split: str, indices: range, cfg: ShapesConfig, holdout: set) -> int:
+    """Writes samples ``indices`` of ``split`` to ``out/name`` atomically (a temporary name, then renamed)."""
+    tmp = out / (name + ".tmp")
+    with wds.TarWriter(str(tmp)) as sink:
+        for index in indices:
+            caption, image, meta = make_sample(index, split, cfg, holdout)
+            sink.write({"__key__": f"{split}{index:08d}", cfg.image_format: encode_image(image, cfg.image_format),
+                        "txt": caption, "json": meta})
+    tmp.rename(out / name)
+    return len(indices)
+
+
+def write_split(out: Path, split: str, n: int, shards: int, cfg: ShapesConfig, holdout: set, pool=None) -> dict[str, int]:
+    """Writes ``n`` samples of ``split`` into ``shards`` tar files of near-equal size, through ``pool`` (an
+    executor: shards side by side) when given; returns counts per shard. Each sample is drawn from its own
+    seed, so the shards are the same however many are written at once."""
+    plan, start = {}, 0
     for shard in range(shards):
         count = n // shards + (1 if shard < n % shards else 0)
-        name = f"{split}-{shard:05d}.tar"
-        tmp = out / (name + ".tmp")
-        with wds.TarWriter(str(tmp)) as sink:
-            for index in range(start, start + count):
-                caption, image, meta = make_sample(index, split, cfg, holdout)
-                sink.write({"__key__": f"{split}{index:08d}", cfg.image_format: encode_image(image, cfg.image_format),
-                            "txt": caption, "json": meta})
-        tmp.rename(out / name)
-        counts[name] = count
+        plan[f"{split}-{shard:05d}.tar"] = range(start, start + count)
         start += count
-    return counts
+    if pool is None:
+        return {name: write_shard(out, name, split, indices, cfg, holdout) for name, indices in plan.items()}
+    jobs = {name: pool.submit(write_shard, out, name, split, indices, cfg, holdout) for name, indices in plan.items()}
+    return {name: job.result() for name, job in jobs.items()}
 
 
 def validate_holdout(holdout) -> set[tuple[str, str]]:
@@ -327,8 +338,9 @@ def validate_holdout(holdout) -> set[tuple[str, str]]:
     return pairs
 
 
-def write_shapes(cfg: ShapesConfig) -> Path:
-    """Writes all splits and ``manifest.json``; skips the work when an identical manifest is present."""
+def write_shapes(cfg: ShapesConfig, workers: int | None = None) -> Path:
+    """Writes all splits and ``manifest.json``; skips the work when an identical manifest is present. Shards are
+    written by ``workers`` processes side by side (default: one a core)."""
     out = Path(cfg.out)
     manifest_path = out / "manifest.json"
     settings = asdict(cfg)
@@ -339,10 +351,12 @@ def write_shapes(cfg: ShapesConfig) -> Path:
     holdout = validate_holdout(cfg.holdout)
     val_shards = max(1, cfg.shards // 4)
     counts = {}
-    counts.update(write_split(out, "train", cfg.n, cfg.shards, cfg, holdout))
-    counts.update(write_split(out, "val", cfg.n_val, val_shards, cfg, holdout))
-    if holdout and cfg.n_val_unseen:
-        counts.update(write_split(out, "val_unseen", cfg.n_val_unseen, val_shards, cfg, holdout))
+    workers = workers or os.cpu_count() or 1
+    with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
+        counts.update(write_split(out, "train", cfg.n, cfg.shards, cfg, holdout, pool))
+        counts.update(write_split(out, "val", cfg.n_val, val_shards, cfg, holdout, pool))
+        if holdout and cfg.n_val_unseen:
+            counts.update(write_split(out, "val_unseen", cfg.n_val_unseen, val_shards, cfg, holdout, pool))
     manifest_path.write_text(json.dumps({"settings": settings, "counts": counts}, indent=1))
     return out
 
