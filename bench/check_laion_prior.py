@@ -95,9 +95,10 @@ def register_clip(dim: int, context: int) -> str:
     name = f"dalle2-check-{dim}"
     config = {"embed_dim": dim, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
               "text_cfg": {"context_length": context, "vocab_size": 49408, "width": dim, "heads": 2, "layers": 1}}
-    folder = Path(tempfile.mkdtemp())
-    (folder / f"{name}.json").write_text(json.dumps(config))
-    open_clip.add_model_config(folder / f"{name}.json")
+    with tempfile.TemporaryDirectory() as folder:  # open_clip reads the config as it is added, and keeps it
+        path = Path(folder) / f"{name}.json"
+        path.write_text(json.dumps(config))
+        open_clip.add_model_config(path)
     return name
 
 
@@ -112,10 +113,12 @@ def compare_folder(folder: Path, out: Path | None = None) -> dict[str, float]:
     from unclip.diffusion import classifier_free_guidance, ddpm_step
     from unclip.loading import load
 
+    if out is None:  # the converted stage only lives for the comparison
+        with tempfile.TemporaryDirectory() as tmp:
+            return compare_folder(folder, Path(tmp) / "stage.ckpt")
     ref = torch.load(folder / "reference.pt", weights_only=True)
     dim = ref["x"].shape[1]
     name = register_clip(dim, TEXT_LEN + 2)
-    out = out or Path(tempfile.mkdtemp()) / "stage.ckpt"
     module = load(convert("dalle2_pytorch_prior", folder, out, clip_model=name, clip_pretrained="none"))
     net = module.net
     mask = (ref["text_encodings"] != 0).any(-1)
