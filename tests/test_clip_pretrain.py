@@ -158,7 +158,6 @@ def test_image_negatives_enter_the_loss_and_the_training_step(shapes_dir):
         ClipPretrainModule("unclip-tiny", image_negatives=2)
 
 
-
 def test_drawn_images_are_the_counterfactuals_kept_within_their_budget(shapes_dir):
     """The memo returns exactly what counterfactual_image draws, draws a repeat once, and drops the least
     recently used image once its budget is spent."""
@@ -177,6 +176,7 @@ def test_drawn_images_are_the_counterfactuals_kept_within_their_budget(shapes_di
     kept = drawn.arrays[DrawnImages.key(*asks[-1])]
     assert drawn(*asks[-1]) is kept  # a repeat is not drawn again
     assert DrawnImages.key(*asks[0]) != DrawnImages.key(metas[0], 0, "circle")
+
 
 def test_text_tower_on_captions_cut_by_length_equals_open_clips_encode_text():
     """The training step's text tower runs on captions sorted by length and cut after each group's longest: for a

@@ -72,16 +72,20 @@ def test_rerun_with_same_settings_is_skipped(shapes_dir):
     assert (shapes_dir / "train-00000.tar").stat().st_mtime_ns == before
 
 
+def test_shards_written_side_by_side_hold_what_one_process_writes(tmp_path):
+    """Two processes writing shards at once write the same samples and manifest as one process alone."""
+    for workers in (1, 2):
+        write_shapes(ShapesConfig(out=str(tmp_path / str(workers)), n=96, n_val=24, n_val_unseen=24, shards=4, size=64,
+                                  seed=1), workers=workers)
 
-def test_shards_written_side_by_side_hold_what_one_process_writes(shapes_dir, tmp_path):
-    """The conftest data was written by one process a core; one process alone writes the same samples."""
-    write_shapes(ShapesConfig(out=str(tmp_path), n=96, n_val=24, n_val_unseen=24, shards=4, size=64, seed=1), workers=1)
     def contents(directory, split):  # each sample less where it was read from
         return [{k: v for k, v in sample.items() if k not in ("__url__", "__local_path__")} for sample in read_split(directory, split)]
 
+    one, two = tmp_path / "1", tmp_path / "2"
     for split in ("train", "val", "val_unseen"):
-        assert contents(tmp_path, split) == contents(shapes_dir, split)
-    assert (tmp_path / "manifest.json").read_text() == (shapes_dir / "manifest.json").read_text()
+        assert contents(one, split) and contents(one, split) == contents(two, split)
+    assert (one / "manifest.json").read_text() == (two / "manifest.json").read_text()
+
 
 def test_cli_rejects_unknown_keys_and_holdout():
     with pytest.raises(SystemExit, match="bad argument 'colour=red'"):
